@@ -1,0 +1,1 @@
+"""Data: one loader interface over the DALI, torchvision and synthetic backends."""

@@ -1,0 +1,1 @@
+"""Models: students and teachers from timm tags, the discriminator."""

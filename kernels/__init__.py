@@ -1,0 +1,1 @@
+"""Triton kernels of fastmeal, installed as ``fastmeal.kernels`` (see pyproject.toml)."""
