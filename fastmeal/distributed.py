@@ -1,0 +1,78 @@
+"""Process-group set-up for torchrun (one process per GPU, NCCL; gloo on the CPU) and small helpers.
+
+A run started without torchrun is a world of one and never initialises a process group, so every
+helper here is also correct (and free) in a plain single-process run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: its rank, the world size, and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto`` → this process's GPU when CUDA is available, else the CPU; ``cuda`` without CUDA fails."""
+    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("runtime.device=cuda was asked for but CUDA is not available; use runtime.device=cpu")
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(device_preference: str = "auto") -> DistInfo:
+    """Join the process group that torchrun describes in the environment (RANK, WORLD_SIZE, ...)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_preference, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks in place (a no-op in a world of one)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def per_rank_batch(global_batch: int, world_size: int) -> int:
+    """The config states the global batch; each rank takes an equal share of it."""
+    if global_batch % world_size:
+        raise ValueError(f"data.batch_size={global_batch} (the global batch) is not divisible by the world size "
+                         f"{world_size}; choose a multiple of {world_size}")
+    return global_batch // world_size
