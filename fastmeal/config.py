@@ -145,14 +145,20 @@ class TeacherEngineConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class LossConfig:
-    """The MEAL V2 loss: soft CE to the ensemble's mean softmax + the discriminator's BCE."""
+    """The MEAL V2 loss: soft CE to the ensemble's mean softmax + the discriminator's BCE.
 
+    ``mode="ce"`` trains with hard-label cross-entropy instead (no teachers, no discriminator): the
+    demo's teachers and baseline, or any non-distilled baseline, go through the same trainer.
+    """
+
+    mode: str = "meal_v2"  # meal_v2 | ce
     impl: str = "auto"  # auto (Triton on CUDA, PyTorch elsewhere) | torch | triton
     discriminator: bool = True
     final_relu: bool = True  # the reference's ReLU before BCEWithLogits (a loss floor of ~0.347)
     discriminator_hidden: tuple[int, ...] = (125, 15)
 
     def __post_init__(self) -> None:
+        _check_choice("loss.mode", self.mode, ("meal_v2", "ce"))
         _check_choice("loss.impl", self.impl, ("auto", "torch", "triton"))
         if not self.discriminator_hidden or any(h <= 0 for h in self.discriminator_hidden):
             raise ConfigError(f"loss.discriminator_hidden={self.discriminator_hidden} must be positive widths")
