@@ -1,1 +1,108 @@
-"""Data: one loader interface over the DALI, torchvision and synthetic backends."""
+"""Data: one loader interface over two backends, DALI (fast) and torchvision (the reference).
+
+``build_loader(cfg, split)`` returns a :class:`Loader`: an iterable of ``(images, labels)`` already on
+the training device, ``images`` normalised ``[B,3,S,S]`` in channels-last memory with the dtype of
+:func:`fastmeal.data.common.images_dtype`, ``labels`` int64 class indices in sorted-folder order.
+``data.backend=auto`` picks DALI when it imports and says so; ``dali`` without DALI fails with the
+install command.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from fastmeal.config import Config
+from fastmeal.data.common import CorruptImageError, DataError, images_dtype, scan_split
+from fastmeal.distributed import per_rank_batch, resolve_device
+
+__all__ = ["CorruptImageError", "DataError", "Loader", "build_loader", "choose_backend", "dali_available",
+           "images_dtype"]
+
+log = logging.getLogger(__name__)
+
+DALI_INSTALL = "pip install nvidia-dali-cuda120  (CUDA 13: nvidia-dali-cuda130)"
+
+
+@runtime_checkable
+class Loader(Protocol):
+    """What the trainer reads. ``len()`` is the number of batches per epoch on this rank."""
+
+    backend: str  # "dali" | "torchvision"
+    classes: tuple[str, ...]  # class folder names; label i is classes[i]
+    num_classes: int
+    dataset_size: int  # samples in the whole split
+    num_samples: int  # samples this rank sees per epoch
+
+    @property
+    def num_skipped(self) -> int:
+        """Corrupt files skipped so far (``data.skip_corrupt=true``)."""
+        ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+def dali_available() -> bool:
+    """Whether ``nvidia.dali`` can be imported (without importing it)."""
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except (ImportError, ValueError):  # the `nvidia` namespace package itself is absent
+        return False
+
+
+def choose_backend(requested: str) -> str:
+    """``auto`` → ``dali`` when DALI is installed, else ``torchvision``; ``dali`` without DALI fails."""
+    if requested == "torchvision":
+        return "torchvision"
+    if requested == "dali":
+        if not dali_available():
+            raise DataError(f"data.backend=dali but NVIDIA DALI is not installed; install it with `{DALI_INSTALL}` "
+                            "or use data.backend=torchvision")
+        return "dali"
+    if requested != "auto":
+        raise DataError(f"data.backend={requested!r} is not one of auto, dali, torchvision")
+    # TEMPORARY (first commit): the DALI backend lands in the next commits; until then auto = torchvision.
+    return "torchvision"
+
+
+def build_loader(cfg: Config, split: str, *, rank: int = 0, world_size: int = 1,
+                 device: torch.device | None = None) -> Loader:
+    """The loader of ``split`` ("train" or "val") for this rank.
+
+    Args:
+        cfg: the run's config; ``data.*`` and ``runtime.seed`` are read.
+        split: ``"train"`` (augmented, reshuffled every epoch, sharded) or ``"val"`` (deterministic, every
+            sample exactly once over all ranks).
+        rank: this process's rank; ``world_size``: the number of ranks.
+        device: where batches are delivered; ``None`` resolves ``runtime.device``.
+
+    Returns:
+        A :class:`Loader`. The per-rank batch is ``data.batch_size / world_size`` for train and
+        ``data.resolved_eval_batch_size / world_size`` for val (both config values are global).
+    """
+    if split not in ("train", "val"):
+        raise DataError(f"split={split!r} must be 'train' or 'val'")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+    device = device if device is not None else resolve_device(cfg.runtime.device)
+    global_batch = cfg.data.batch_size if split == "train" else cfg.data.resolved_eval_batch_size
+    batch_size = per_rank_batch(global_batch, world_size)
+    backend = choose_backend(cfg.data.backend)
+    if cfg.data.backend == "auto" and rank == 0:
+        log.info("data.backend=auto chose %s%s", backend,
+                 "" if backend == "dali" else f" (DALI is not installed: `{DALI_INSTALL}` for the fast loader)")
+    scanned = scan_split(cfg.data.root, split)
+    if backend == "dali":
+        raise DataError("data.backend=dali: the DALI backend is not committed yet; use data.backend=torchvision")
+    from fastmeal.data.torchvision import TorchvisionLoader
+
+    return TorchvisionLoader(cfg, scanned, split, rank=rank, world_size=world_size, device=device,
+                             batch_size=batch_size)

@@ -1,0 +1,154 @@
+"""What both loader backends share: the dataset scan, the normalisation constants, the dtype rule.
+
+The DALI and torchvision backends read the same list of files in the same order, with the same labels
+(ImageFolder's: class index = sorted folder order), and hand out batches with the same dtype and memory
+layout. Everything that decides *what* a sample is lives here; the backends only decide *how* it is
+decoded and augmented.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+from fastmeal.config import Config
+
+# ImageNet channel statistics on [0, 1] pixels: the reference's transforms.Normalize (SPEC, "Data").
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# RandomResizedCrop's ranges in the reference (torchvision defaults, SPEC "Data"): area fraction and
+# width/height aspect ratio.
+CROP_AREA = (0.08, 1.0)
+CROP_ASPECT = (3.0 / 4.0, 4.0 / 3.0)
+
+SPLITS = ("train", "val")
+
+
+class DataError(RuntimeError):
+    """A dataset that cannot be read as asked: a missing or empty split, a bad folder."""
+
+
+class CorruptImageError(DataError):
+    """An image file that cannot be decoded; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of an ImageFolder dataset, in ImageFolder's order.
+
+    Attributes:
+        root: the split folder (``<data.root>/<split>``).
+        classes: class folder names, sorted; the label of ``classes[i]`` is ``i``.
+        samples: ``(path, label)`` pairs, class by class, files sorted by name inside each class
+            (exactly ``torchvision.datasets.ImageFolder(root).samples``).
+    """
+
+    root: str
+    classes: tuple[str, ...]
+    samples: tuple[tuple[str, int], ...]
+
+    @property
+    def paths(self) -> list[str]:
+        return [p for p, _ in self.samples]
+
+    @property
+    def labels(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def scan_split(data_root: str | os.PathLike, split: str) -> Split:
+    """List ``<data_root>/<split>/<class>/<file>`` the way ImageFolder does, with clear errors.
+
+    Uses torchvision's own ``find_classes``/``make_dataset`` (the reference's ImageFolder) so that the
+    order and the labels cannot drift from it; files are kept when their extension is one ImageFolder
+    accepts (``.JPEG`` included, case-insensitively).
+
+    Raises:
+        DataError: ``data_root`` is unset or missing, the split folder is missing, it has no class
+            folders, or a class folder has no image file. The message names the folder.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not one of {SPLITS}")
+    if not str(data_root):
+        raise DataError("data.root is empty; set it to an ImageFolder dataset (root/train/<class>/*.JPEG), "
+                        "e.g. --set data.root=/data/imagenet, or generate one with `fastmeal data synth OUT`")
+    root = Path(data_root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data.root={str(root)!r} does not exist or is not a folder")
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise DataError(f"{split_dir} is missing: data.root={str(root)!r} must hold {split}/<class>/<image> "
+                        "(ImageFolder layout)")
+    try:
+        classes, class_to_idx = find_classes(split_dir)
+    except FileNotFoundError as err:  # "Couldn't find any class folder in ..."
+        raise DataError(f"{split_dir} is empty: no class folders in it ({err})") from err
+    samples = make_dataset(split_dir, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    counts = {c: 0 for c in classes}
+    for _, label in samples:
+        counts[classes[label]] += 1
+    empty = [c for c, n in counts.items() if n == 0]
+    if empty:
+        shown = ", ".join(str(split_dir / c) for c in empty[:5]) + (" ..." if len(empty) > 5 else "")
+        raise DataError(f"{len(empty)} class folder(s) of {split_dir} hold no image "
+                        f"(extensions {', '.join(IMG_EXTENSIONS)}): {shown}")
+    return Split(root=str(split_dir), classes=tuple(classes), samples=tuple(samples))
+
+
+def images_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """The dtype of the image batches: what the teachers read, so that no conversion pass is needed.
+
+    fp32 on the CPU and with ``precision.mode=fp32`` (the reference's numerics); otherwise the teacher
+    engine's dtype (``teacher_engine.dtype``: fp16 by default, bf16 by option).
+    """
+    if device.type != "cuda" or cfg.precision.mode == "fp32":
+        return torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.teacher_engine.dtype]
+
+
+def resolve_image_sizes(cfg: Config) -> tuple[int, int]:
+    """``(S, R)``: the train/eval crop size and the eval short-side resize (int(256/224·S) by default)."""
+    return cfg.data.image_size, cfg.data.resolved_eval_resize
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode one file to RGB with PIL, as the reference's ``pil_loader``, or raise naming the file.
+
+    PIL decodes by content, not by extension (a PNG named ``.JPEG`` works) and ``convert("RGB")``
+    turns grayscale and CMYK into RGB. A zero-byte, truncated or otherwise undecodable file raises
+    :class:`CorruptImageError` with the path (PIL's own message for a truncated JPEG does not name it).
+    """
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")  # convert() forces the full decode inside the try
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise CorruptImageError(f"cannot decode image file {path}: {err}") from err
+
+
+def next_decodable(paths: list[str] | tuple[str, ...], start: int, bad: set[str]) -> int:
+    """The index of the first file at or after ``start`` (cyclically) that PIL decodes; ``bad`` grows.
+
+    The rule both backends use with ``data.skip_corrupt=true`` to fill a corrupt file's slot, so that
+    an epoch keeps its sample count and every rank keeps the same number of batches (no DDP hang).
+    """
+    n = len(paths)
+    for k in range(n):
+        i = (start + k) % n
+        if paths[i] in bad:
+            continue
+        try:
+            load_rgb(paths[i])
+            return i
+        except CorruptImageError:
+            bad.add(paths[i])
+    raise DataError(f"no file of {os.path.dirname(os.path.dirname(paths[0]))} can be decoded")

@@ -1,0 +1,167 @@
+"""The reference's input pipeline: ImageFolder + PIL + torchvision transforms + DataLoader.
+
+This is what the original MEAL V2 code runs (SPEC, "The reference implementation's pipeline"), so it
+is the reference mode of the benchmarks and the fallback when DALI is not installed:
+
+* train: ``RandomResizedCrop(S, scale=(0.08, 1), ratio=(3/4, 4/3), bilinear)`` →
+  ``RandomHorizontalFlip()`` → ``ToTensor()`` → ``Normalize(ImageNet mean, std)``;
+* val: ``Resize(int(256/224·S), bilinear)`` → ``CenterCrop(S)`` → ``ToTensor()`` → ``Normalize``;
+* ``DataLoader`` with ``data.workers`` worker processes and ``pin_memory`` on CUDA.
+
+Departures, none of which changes what a batch contains: the dataset is ImageFolder's file list from
+:func:`fastmeal.data.common.scan_split` (identical order and labels) read with the same PIL loader but
+with errors that name the file; the training sampler is always a ``DistributedSampler`` (a world of one
+included) so that ``set_epoch`` makes the order a function of (seed, epoch); workers are persistent.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
+from torchvision import transforms
+
+from fastmeal.config import Config
+from fastmeal.data.common import (
+    CROP_AREA,
+    CROP_ASPECT,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CorruptImageError,
+    Split,
+    images_dtype,
+    load_rgb,
+    next_decodable,
+)
+
+log = logging.getLogger(__name__)
+
+
+def build_transform(split: str, image_size: int, eval_resize: int) -> transforms.Compose:
+    """The reference's transforms for ``split`` (module docstring); PIL image in, ``[3,S,S]`` fp32 out."""
+    bilinear = transforms.InterpolationMode.BILINEAR
+    if split == "train":
+        head = [transforms.RandomResizedCrop(image_size, scale=CROP_AREA, ratio=CROP_ASPECT, interpolation=bilinear),
+                transforms.RandomHorizontalFlip()]
+    else:
+        head = [transforms.Resize(eval_resize, interpolation=bilinear), transforms.CenterCrop(image_size)]
+    return transforms.Compose([*head, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class FolderDataset(Dataset):
+    """ImageFolder over a scanned :class:`Split`, with errors that name the file.
+
+    ``__getitem__`` returns ``(image [3,S,S] fp32, label, skipped)`` where ``skipped`` is the tuple of
+    corrupt paths that were replaced to produce this sample (empty unless ``skip_corrupt``). A corrupt
+    file's slot is filled by the next decodable file in dataset order
+    (:func:`fastmeal.data.common.next_decodable`), so the epoch keeps its sample count.
+    """
+
+    def __init__(self, split: Split, transform: transforms.Compose, *, skip_corrupt: bool = False):
+        self.split = split
+        self.paths = split.paths
+        self.labels = split.labels
+        self.transform = transform
+        self.skip_corrupt = skip_corrupt
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, tuple[str, ...]]:
+        try:
+            return self.transform(load_rgb(self.paths[index])), self.labels[index], ()
+        except CorruptImageError as err:
+            if not self.skip_corrupt:
+                raise CorruptImageError(f"{err}; set data.skip_corrupt=true to skip such files") from err
+            bad = {self.paths[index]}
+            index = next_decodable(self.paths, index + 1, bad)
+            return self.transform(load_rgb(self.paths[index])), self.labels[index], tuple(sorted(bad))
+
+
+def _collate(batch: list[tuple[torch.Tensor, int, tuple[str, ...]]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    images, labels = default_collate([(img, label) for img, label, _ in batch])
+    skipped = [p for _, _, bad in batch for p in bad]
+    return images, labels, skipped
+
+
+class EvalShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world_size, ...``: every sample exactly once over all ranks, no padding.
+
+    ``DistributedSampler`` pads the last shard with repeated samples, which would count some val
+    images twice; eval must count each once (SPEC: top-1/top-5 on the full val set).
+    """
+
+    def __init__(self, num_samples: int, rank: int, world_size: int):
+        self.indices = range(rank, num_samples, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class TorchvisionLoader:
+    """Batches ``(images [B,3,S,S] channels-last, labels [B] int64)`` on ``device`` (the Loader protocol)."""
+
+    backend = "torchvision"
+
+    def __init__(self, cfg: Config, split: Split, split_name: str, *, rank: int, world_size: int,
+                 device: torch.device, batch_size: int):
+        self.device = device
+        self.dtype = images_dtype(cfg, device)
+        self.split_name = split_name
+        self.classes = split.classes
+        self.num_classes = len(split.classes)
+        self.dataset_size = len(split)
+        self.batch_size = batch_size
+        self._skipped: set[str] = set()
+        train = split_name == "train"
+        dataset = FolderDataset(split, build_transform(split_name, cfg.data.image_size, cfg.data.resolved_eval_resize),
+                                skip_corrupt=cfg.data.skip_corrupt)
+        if train:
+            # The reference's DistributedSampler (shuffle, padding to equal shards); with a world of one
+            # it is a seeded permutation per epoch, like the single-GPU reference's shuffle=True.
+            self.sampler: Sampler[int] = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                                            seed=cfg.runtime.seed, drop_last=False)
+            drop_last = cfg.data.last_batch == "drop"
+        else:
+            self.sampler = EvalShardSampler(len(dataset), rank, world_size)
+            drop_last = False
+        per_rank = len(self.sampler)
+        self.num_batches = per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
+        self.num_samples = self.num_batches * batch_size if drop_last else per_rank
+        workers = cfg.data.workers
+        # Worker seeds come from this generator: runtime.seed + rank gives each rank its own augmentations.
+        generator = torch.Generator().manual_seed(cfg.runtime.seed + rank)
+        self._loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
+                                  collate_fn=_collate, pin_memory=device.type == "cuda", drop_last=drop_last,
+                                  persistent_workers=workers > 0, generator=generator,
+                                  prefetch_factor=cfg.data.prefetch if workers else None)
+
+    @property
+    def num_skipped(self) -> int:
+        """Corrupt files skipped so far (distinct paths), with ``data.skip_corrupt=true``."""
+        return len(self._skipped)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make this epoch's order a function of (runtime.seed, epoch), as DistributedSampler does."""
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels, skipped in self._loader:
+            for path in skipped:
+                if path not in self._skipped:
+                    self._skipped.add(path)
+                    log.warning("skipped corrupt image %s (data.skip_corrupt=true; %d skipped so far); its slot "
+                                "in the batch holds the next decodable file", path, len(self._skipped))
+            images = images.to(self.device, non_blocking=True)
+            yield (images.to(dtype=self.dtype, memory_format=torch.channels_last),
+                   labels.to(self.device, non_blocking=True))
