@@ -76,3 +76,57 @@ def per_rank_batch(global_batch: int, world_size: int) -> int:
         raise ValueError(f"data.batch_size={global_batch} (the global batch) is not divisible by the world size "
                          f"{world_size}; choose a multiple of {world_size}")
     return global_batch // world_size
+
+
+class PreemptionHandler:
+    """Turns SIGTERM / SIGUSR1 (what SLURM sends before it kills a job) into a graceful stop.
+
+    The handler only records the signal; the training loop asks :meth:`should_stop` after each step,
+    so the current step finishes, then every rank agrees to stop, writes the checkpoint together and
+    exits 0. In a distributed run the ranks agree through a small CPU (gloo) all-reduce so that the
+    check never synchronises the GPU stream; a signal that reached only one rank stops them all.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, object] = {}
+        self._group = None
+
+    def install(self) -> PreemptionHandler:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signal handlers can only be set from the main thread (e.g. not under some test runners)
+        for name in self.SIGNALS:
+            signum = getattr(signal, name, None)
+            if signum is not None:
+                self._previous[signum] = signal.signal(signum, self._on_signal)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+        return self
+
+    def uninstall(self) -> None:
+        import signal
+
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002 - the signal module's signature
+        import signal
+
+        self.signal_name = signal.Signals(signum).name
+
+    def should_stop(self) -> bool:
+        """True on every rank once any rank has received a preemption signal."""
+        local = self.signal_name is not None
+        if self._group is None:
+            return local
+        flag = torch.tensor([1 if local else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        if flag.item() and self.signal_name is None:
+            self.signal_name = "peer"
+        return bool(flag.item())
