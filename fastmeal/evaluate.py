@@ -1,0 +1,76 @@
+"""Evaluation with the SPEC protocol: single centre crop, top-1/top-5 and CE loss over every val image once.
+
+The loader does the protocol's preprocessing (resize the short side to int(256/224·S), centre-crop S,
+normalise) and shards the split without padding, so summing counts over ranks counts each image
+exactly once. Counts stay on the device until the end of the pass: one host sync per evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from fastmeal.metrics import DeviceMeans, topk_correct
+from fastmeal.profiling import phase
+
+log = logging.getLogger("fastmeal.evaluate")
+
+_COUNTS = ("top1", "top5", "loss")
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to ``dtype`` on ``device``, or nothing for fp32 (``dtype=None``)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: Any, *, device: torch.device, autocast_dtype: torch.dtype | None = None,
+             channels_last: bool = True, progress: bool = False, desc: str = "eval",
+             all_ranks: bool = True) -> dict[str, float]:
+    """Top-1, top-5 (in %) and mean cross-entropy of ``model`` over every sample of ``loader``.
+
+    The model is put in eval mode for the pass and returned to its previous mode afterwards.
+
+    Args:
+        model: maps ``[B, 3, S, S]`` to ``[B, C]`` logits.
+        loader: yields ``(images [B, 3, S, S], labels [B])`` on ``device`` (the Loader protocol).
+        device: where the model and batches are.
+        autocast_dtype: run the model under autocast to this dtype; None = as the inputs come (fp32).
+        channels_last: feed channels-last images.
+        progress: show a progress bar.
+        desc: the bar's label.
+        all_ranks: sum the counts over all ranks (collective: every rank must call it).
+
+    Returns:
+        ``top1``, ``top5``, ``loss`` (CE in fp32, mean over samples), ``count`` (samples seen, all
+        ranks), ``seconds`` and ``images_per_s``.
+    """
+    was_training = model.training
+    model.eval()
+    sums = DeviceMeans(_COUNTS, device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    start = time.perf_counter()
+    try:
+        for images, labels in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+            with phase("eval"):
+                with autocast_context(device, autocast_dtype):
+                    logits = model(images.contiguous(memory_format=memory_format))
+                logits = logits.float()
+                counts = topk_correct(logits, labels, (1, 5))
+                ce = F.cross_entropy(logits, labels, reduction="sum").reshape(1)
+                sums.add_counts(torch.cat([counts, ce]), labels.shape[0])
+    finally:
+        model.train(was_training)
+    totals, count = sums.read(all_ranks=all_ranks)  # means over samples: fractions correct, mean CE
+    seconds = time.perf_counter() - start
+    return {"top1": 100.0 * totals["top1"], "top5": 100.0 * totals["top5"], "loss": totals["loss"], "count": count,
+            "seconds": seconds, "images_per_s": count / seconds if seconds > 0 else float("nan")}

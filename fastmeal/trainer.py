@@ -1,0 +1,653 @@
+"""The training loop: step, epoch, evaluation, checkpoints. No model- or data-specific code.
+
+One MEAL V2 step (SPEC, "The algorithm, exactly"): the frozen teachers and the student see the
+same batch; the loss is :func:`fastmeal.losses.meal_v2_loss` (soft CE to the mean teacher softmax +
+the discriminator's BCE); **one** backward and **one** SGD step over student and discriminator
+together. ``loss.mode=ce`` trains the same loop on hard labels (no teachers, no discriminator): the
+demo's teachers and baseline.
+
+Layout for DDP: the student and the discriminator live in one :class:`DistillationModel` (one DDP
+wrapper, one gradient all-reduce); the teachers stay outside (frozen, never saved). Rank 0 logs and
+writes; evaluation sums counts over ranks.
+
+Extension points (issue 7: preemption, profiler windows): :class:`TrainerHook` objects are called
+around every step and epoch, and :meth:`Trainer.request_stop` ends the run after the current step
+with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from fastmeal.checkpoint import (
+    FORMAT,
+    VERSION,
+    CheckpointError,
+    CheckpointManager,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_student_weights,
+)
+from fastmeal.config import Config
+from fastmeal.distributed import DistInfo
+from fastmeal.evaluate import autocast_context, evaluate
+from fastmeal.losses import meal_v2_loss
+from fastmeal.metrics import DeviceMeans, MetricsWriter, topk_correct
+from fastmeal.models.factory import load_state_dict_checked, model_num_classes
+from fastmeal.profiling import phase
+
+log = logging.getLogger("fastmeal.trainer")
+
+TeacherFn = Callable[[Tensor], Tensor]  # [B, 3, S, S] -> [K, B, C]
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces of a step
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_precision(mode: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """``(autocast dtype or None, use a grad scaler)`` for ``precision.mode`` on ``device``.
+
+    ``amp`` is bf16 where the device supports it (the CPU, Ampere and later), else fp16 with a grad
+    scaler; ``fp32`` is the reference's numerics (no autocast).
+    """
+    if mode == "fp32":
+        return None, False
+    if mode == "amp":
+        bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
+        mode = "amp-bf16" if bf16 else "amp-fp16"
+    if mode == "amp-bf16":
+        return torch.bfloat16, False
+    if mode == "amp-fp16":
+        return torch.float16, True
+    raise ValueError(f"precision.mode={mode!r} is not one of amp, amp-bf16, amp-fp16, fp32")
+
+
+def build_optimizer(cfg: Config, model: DistillationModel, device: torch.device) -> torch.optim.Optimizer:
+    """One SGD over the student's and the discriminator's parameters (two named groups, SPEC step 9).
+
+    ``optim.impl``: ``auto`` = torch's fused SGD on CUDA, foreach on the CPU; ``torch`` = torch's
+    default implementation (the reference's); ``apex`` = apex's FusedSGD (fails with the install
+    command when apex is absent).
+    """
+    groups = [{"params": [p for p in model.student.parameters() if p.requires_grad], "name": "student"}]
+    if model.discriminator is not None:
+        groups.append({"params": list(model.discriminator.parameters()), "name": "discriminator"})
+    o = cfg.optim
+    kwargs: dict[str, Any] = {"lr": cfg.lr_at(0), "momentum": o.momentum, "nesterov": o.nesterov,
+                              "weight_decay": o.weight_decay}
+    if o.impl == "apex":
+        if device.type != "cuda":
+            raise RuntimeError("optim.impl=apex needs CUDA; use optim.impl=auto on the CPU")
+        try:
+            from apex.optimizers import FusedSGD
+        except ImportError as err:
+            raise RuntimeError("optim.impl=apex needs NVIDIA apex built with --cuda_ext: "
+                               "pip install -v --no-build-isolation --config-settings '--build-option=--cpp_ext' "
+                               "--config-settings '--build-option=--cuda_ext' git+https://github.com/NVIDIA/apex; "
+                               "or use optim.impl=auto (torch's fused SGD)") from err
+        return FusedSGD(groups, **kwargs)
+    if o.impl == "auto":
+        kwargs["fused" if device.type == "cuda" else "foreach"] = True
+    return torch.optim.SGD(groups, **kwargs)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The same LR for every parameter group, the discriminator's included (SPEC: set once per epoch)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def cutmix_(images: Tensor) -> tuple[Tensor, float, Tensor]:
+    """MEAL V2's CutMix, in place: one box per batch pasted from a random permutation of the batch.
+
+    λ ~ Beta(1, 1) (uniform); the box has area ≈ (1-λ)·H·W, centre uniform, clipped to the image (the
+    CutMix reference's ``rand_bbox``). The box and λ are drawn from the CPU generator (no host sync);
+    the permutation on the batch's device.
+
+    Args:
+        images: ``[B, 3, H, W]``; modified in place (teachers and student both see the result).
+
+    Returns:
+        ``(images, lam, perm)``: ``lam`` is the share of each image that is still its own (after
+        clipping), ``perm`` ``[B]`` says whose pixels fill the box of each row.
+    """
+    batch, _, height, width = images.shape
+    lam = float(torch.rand(()))  # Beta(1, 1) is the uniform distribution
+    cut = math.sqrt(1.0 - lam)
+    cut_h, cut_w = int(height * cut), int(width * cut)
+    cy, cx = int(torch.randint(height, ())), int(torch.randint(width, ()))
+    y1, y2 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
+    x1, x2 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
+    perm = torch.randperm(batch, device=images.device)
+    # The right side is an advanced-indexing copy, so overlapping rows read the unmixed pixels.
+    images[:, :, y1:y2, x1:x2] = images[perm, :, y1:y2, x1:x2]
+    lam = 1.0 - (y2 - y1) * (x2 - x1) / (height * width)
+    return images, lam, perm
+
+
+class DistillationModel(nn.Module):
+    """The trained parts in one module: the student and the discriminator (one DDP wrapper, one state).
+
+    ``forward`` returns the loss parts as a dict (timm's distillation task): ``loss`` (what is
+    back-propagated) and, in MEAL V2 mode, ``kd``, ``d``, ``kl``; ``logits`` is the student's output.
+
+    Args:
+        student: maps ``[B, 3, S, S]`` to ``[B, C]`` logits.
+        discriminator: the MEAL V2 discriminator, or None.
+        mode: ``meal_v2`` or ``ce`` (``loss.mode``).
+        loss_impl: ``loss.impl`` (``auto``/``torch``/``triton``).
+        autocast_dtype: the student's autocast dtype (None: fp32). The loss is computed in fp32.
+    """
+
+    def __init__(self, student: nn.Module, discriminator: nn.Module | None, *, mode: str = "meal_v2",
+                 loss_impl: str = "auto", autocast_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if mode not in ("meal_v2", "ce"):
+            raise ValueError(f"loss.mode={mode!r} is not one of meal_v2, ce")
+        self.student = student
+        self.discriminator = discriminator
+        self.mode = mode
+        self.loss_impl = loss_impl
+        self.autocast_dtype = autocast_dtype
+
+    def forward(self, images: Tensor, teacher_logits: Tensor | None = None, labels: Tensor | None = None,
+                mix: tuple[float, Tensor] | None = None) -> dict[str, Tensor]:
+        """Student forward and loss.
+
+        Args:
+            images: ``[B, 3, S, S]``.
+            teacher_logits: ``[K, B, C]`` (MEAL V2 mode).
+            labels: ``[B]`` int64 (CE mode; MEAL V2 ignores them: no hard-label term, SPEC step 8).
+            mix: ``(lam, perm)`` from CutMix in CE mode: the labels are mixed as CutMix does. MEAL V2
+                needs nothing (the teachers saw the same mixed images).
+
+        Returns:
+            Scalar fp32 loss parts and ``logits`` ``[B, C]``.
+        """
+        with phase("student_fwd"), autocast_context(images.device, self.autocast_dtype):
+            logits = self.student(images)
+        with phase("loss"):
+            if self.mode == "meal_v2":
+                if teacher_logits is None:
+                    raise ValueError("loss.mode=meal_v2 needs teacher logits")
+                out = meal_v2_loss(logits, teacher_logits, self.discriminator, impl=self.loss_impl)
+            else:
+                if labels is None:
+                    raise ValueError("loss.mode=ce needs labels")
+                out = {"loss": _mixed_ce(logits.float(), labels, mix)}
+        out["logits"] = logits
+        return out
+
+
+def _mixed_ce(logits: Tensor, labels: Tensor, mix: tuple[float, Tensor] | None) -> Tensor:
+    if mix is None:
+        return F.cross_entropy(logits, labels)
+    lam, perm = mix
+    return lam * F.cross_entropy(logits, labels) + (1.0 - lam) * F.cross_entropy(logits, labels[perm])
+
+
+class TrainerHook:
+    """Called by :class:`Trainer` at fixed points; override what you need. All methods are no-ops here.
+
+    ``trainer.global_step`` counts the optimiser steps done, ``trainer.epoch`` is the current epoch
+    (0-based) and ``trainer.step_in_epoch`` the steps done in it.
+    """
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        """Before the first step (after any resume)."""
+
+    def before_step(self, trainer: Trainer) -> None:
+        """Before a step fetches its batch; ``trainer.global_step`` is the step about to run."""
+
+    def after_step(self, trainer: Trainer, parts: dict[str, Tensor]) -> None:
+        """After the optimiser step; ``parts`` are the step's loss tensors (on the device: no sync)."""
+
+    def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        """After an epoch's evaluation and checkpoint; ``record`` is the epoch's JSONL record."""
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        """After the last epoch, or after a requested stop (always called)."""
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Runs epochs of steps with per-epoch evaluation and checkpoints.
+
+    Models and loaders are arguments, so tests can pass tiny in-memory ones; :func:`train` builds
+    the real ones from a config.
+
+    Args:
+        cfg: the resolved config (written to ``run_dir/config.json`` and into every checkpoint).
+        student: the student network, ``[B, 3, S, S] → [B, C]``; moved to the device here.
+        discriminator: the MEAL V2 discriminator, or None (``loss.mode=ce`` or without one).
+        teachers: a frozen callable ``[B, 3, S, S] → [K, B, C]`` (a ``TeacherEnsemble``), or None in CE
+            mode. Not saved, not optimised, not wrapped in DDP.
+        train_loader, val_loader: the Loader protocol (``fastmeal.data.Loader``); ``val_loader`` may
+            be None to skip evaluation.
+        dist: this process's place in the world (default: a single CPU/GPU process on ``runtime.device``).
+        run_dir: where metrics, config and checkpoints go (default ``cfg.resolved_run_dir``).
+        hooks: :class:`TrainerHook` objects.
+    """
+
+    def __init__(self, cfg: Config, *, student: nn.Module, discriminator: nn.Module | None,
+                 teachers: TeacherFn | None, train_loader: Any, val_loader: Any | None,
+                 dist: DistInfo | None = None, run_dir: str | os.PathLike | None = None,
+                 hooks: Sequence[TrainerHook] = ()) -> None:
+        from fastmeal.distributed import resolve_device
+
+        self.cfg = cfg
+        self.dist = dist or DistInfo(device=resolve_device(cfg.runtime.device))
+        self.device = self.dist.device
+        self.run_dir = Path(run_dir if run_dir is not None else cfg.resolved_run_dir)
+        self.hooks = list(hooks)
+        self.mode = cfg.loss.mode
+        if self.mode == "meal_v2" and teachers is None:
+            raise ValueError("loss.mode=meal_v2 needs teachers (build_teachers); use loss.mode=ce for hard labels")
+        self.teachers = teachers if self.mode == "meal_v2" else None
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self._check_classes(student, train_loader, val_loader)
+
+        self.autocast_dtype, use_scaler = resolve_precision(cfg.precision.mode, self.device)
+        self.memory_format = torch.channels_last if cfg.precision.channels_last else torch.contiguous_format
+        student = student.to(self.device, memory_format=self.memory_format)
+        if discriminator is not None:
+            discriminator = discriminator.to(self.device)
+        self.model = DistillationModel(student, discriminator if self.mode == "meal_v2" else None, mode=self.mode,
+                                       loss_impl=cfg.loss.impl, autocast_dtype=self.autocast_dtype)
+        self.optimizer = build_optimizer(cfg, self.model, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+        self.train_model: nn.Module = self.model
+        if self.dist.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # BN statistics stay per GPU (SPEC: no SyncBN); D and the student share one all-reduce.
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=device_ids)
+
+        self.part_names = ("loss", "kd", "d", "kl") if self.mode == "meal_v2" else ("loss",)
+        if self.mode == "meal_v2" and self.model.discriminator is None:
+            self.part_names = ("loss", "kd", "kl")
+        self.meter = DeviceMeans((*self.part_names, "train_top1"), self.device)
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.runtime.keep_last,
+                                             enabled=self.dist.is_main)
+        self.writer: MetricsWriter | None = None
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.best_top1: float | None = None
+        self.last_eval: dict[str, float] | None = None
+        self.history: list[dict[str, Any]] = []
+        self._stop_reason: str | None = None
+
+    # ---------------------------------------------------------------------------- set-up checks
+
+    def _check_classes(self, student: nn.Module, train_loader: Any, val_loader: Any | None) -> None:
+        want = self.cfg.model.num_classes
+        got = model_num_classes(student)
+        if got != want:
+            raise ValueError(f"the student ({self.cfg.model.student}) predicts {got} classes but model.num_classes="
+                             f"{want}")
+        check_dataset_classes(self.cfg, train_loader, "train")
+        if val_loader is not None:
+            check_dataset_classes(self.cfg, val_loader, "val")
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    def steps_per_epoch(self) -> int:
+        """Batches per epoch on this rank (``runtime.max_steps_per_epoch`` caps it)."""
+        steps = len(self.train_loader)
+        cap = self.cfg.runtime.max_steps_per_epoch
+        return min(steps, cap) if cap else steps
+
+    def request_stop(self, reason: str) -> None:
+        """End :meth:`fit` after the current step, with a checkpoint (preemption, a hook's decision)."""
+        self._stop_reason = reason
+
+    # ---------------------------------------------------------------------------- one step
+
+    def train_step(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """One forward/backward/optimiser step on a batch; returns the loss parts (device tensors)."""
+        images = images.contiguous(memory_format=self.memory_format)
+        mix = None
+        if self.cfg.data.cutmix:
+            images, lam, perm = cutmix_(images)
+            mix = (lam, perm)
+        teacher_logits = None
+        if self.teachers is not None:
+            with phase("teachers"), torch.no_grad():
+                teacher_logits = self.teachers(images)
+        out = self.train_model(images, teacher_logits, labels, mix)
+        with phase("backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(out["loss"]).backward()
+        with phase("optimizer"):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        return out
+
+    # ---------------------------------------------------------------------------- epochs
+
+    def fit(self) -> dict[str, Any]:
+        """Train from the current position (fresh, or after :meth:`resume`) to ``schedule.epochs``.
+
+        Returns:
+            A summary: ``epochs`` done, ``global_step``, ``last_eval``, ``best_top1``, ``stopped``
+            (the stop reason or None), ``train_images_per_s`` (mean over this call's epochs) and
+            ``seconds``.
+        """
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(self.cfg.to_json() + "\n")
+            stale = self.checkpoints.remove_stale_temporaries()
+            if stale:
+                log.warning("removed %d temporary file(s) left by an interrupted checkpoint write: %s", len(stale),
+                            ", ".join(p.name for p in stale))
+        self.writer = MetricsWriter(self.run_dir, enabled=self.is_main, tensorboard=self.cfg.logging.tensorboard)
+        start = time.perf_counter()
+        rates = []
+        try:
+            with logging_redirect_tqdm(loggers=[logging.getLogger("fastmeal")]):
+                for hook in self.hooks:
+                    hook.on_train_start(self)
+                while self.epoch < self.cfg.schedule.epochs:
+                    record = self.train_epoch()
+                    if record is None:  # stopped mid-epoch
+                        break
+                    rates.append(record["train_images_per_s"])
+                    if self._stop_reason:  # asked for on the epoch's last step
+                        break
+        finally:
+            for hook in self.hooks:
+                hook.on_train_end(self)
+            self.writer.close()
+        return {"epochs": self.epoch, "global_step": self.global_step, "last_eval": self.last_eval,
+                "best_top1": self.best_top1, "stopped": self._stop_reason,
+                "train_images_per_s": float(np.mean(rates)) if rates else float("nan"),
+                "seconds": time.perf_counter() - start}
+
+    def train_epoch(self) -> dict[str, Any] | None:
+        """Run (the rest of) epoch ``self.epoch``, evaluate, checkpoint; returns its record (None if stopped)."""
+        cfg, epoch = self.cfg, self.epoch
+        lr = cfg.lr_at(epoch)
+        set_lr(self.optimizer, lr)
+        self.train_loader.set_epoch(epoch)
+        self.model.train()
+        num_steps = self.steps_per_epoch()
+        batches = iter(self.train_loader)
+        if self.step_in_epoch:
+            # Mid-epoch resume: the loader's order is a function of (seed, epoch); skip what was done.
+            log.info("resuming epoch %d at step %d/%d: skipping %d batches", epoch, self.step_in_epoch, num_steps,
+                     self.step_in_epoch)
+            for _ in range(self.step_in_epoch):
+                next(batches)
+        bar = tqdm(total=num_steps, initial=self.step_in_epoch, desc=f"epoch {epoch}", dynamic_ncols=True,
+                   disable=not (self.is_main and cfg.logging.progress_bar), leave=False)
+        epoch_start = window_start = time.perf_counter()
+        data_wait = epoch_data_wait = 0.0
+        epoch_sums: dict[str, float] = {}
+        epoch_samples = 0
+        while self.step_in_epoch < num_steps:
+            for hook in self.hooks:
+                hook.before_step(self)
+            fetch = time.perf_counter()
+            with phase("data"):
+                try:
+                    images, labels = next(batches)
+                except StopIteration:
+                    break
+            data_wait += time.perf_counter() - fetch
+            parts = self.train_step(images, labels)
+            values = {k: parts[k] for k in self.part_names}
+            values["train_top1"] = topk_correct(parts["logits"].detach().float(), labels, (1,))[0] / labels.shape[0]
+            self.meter.update(values, labels.shape[0])
+            self.step_in_epoch += 1
+            self.global_step += 1
+            bar.update(1)
+            for hook in self.hooks:
+                hook.after_step(self, parts)
+            last = self.step_in_epoch == num_steps
+            # The only host syncs of the loop: at log intervals (STYLE), and before a stop.
+            if self.global_step % cfg.logging.interval == 0 or last or self._stop_reason:
+                means, count = self.meter.read(all_ranks=self.dist.distributed)
+                now = time.perf_counter()
+                self._log_interval(means, count, lr, now - window_start, data_wait, bar)
+                for k, v in means.items():
+                    epoch_sums[k] = epoch_sums.get(k, 0.0) + v * count
+                epoch_samples += count
+                epoch_data_wait += data_wait
+                window_start, data_wait = now, 0.0
+            every = cfg.runtime.checkpoint_every_steps
+            # A stop on the epoch's last step lets the epoch finish (evaluation, epoch checkpoint) first.
+            stop_now = self._stop_reason is not None and not last
+            if stop_now or (every and self.global_step % every == 0 and not last):
+                self.save_checkpoint()
+            if stop_now:
+                bar.close()
+                log.info("stopping at epoch %d step %d (%s); checkpoint written", epoch, self.step_in_epoch,
+                         self._stop_reason)
+                return None
+        bar.close()
+        train_seconds = time.perf_counter() - epoch_start
+        means = {k if k == "train_top1" else f"train_{k}": v / max(epoch_samples, 1) for k, v in epoch_sums.items()}
+        record: dict[str, Any] = {"epoch": epoch, "global_step": self.global_step, "lr": lr, **means,
+                                  "train_samples": epoch_samples, "train_seconds": train_seconds,
+                                  "train_images_per_s": epoch_samples / train_seconds if train_seconds else math.nan,
+                                  "data_wait": epoch_data_wait / train_seconds if train_seconds else math.nan}
+        if self.val_loader is not None:
+            self.last_eval = evaluate(self.model.student, self.val_loader, device=self.device,
+                                      autocast_dtype=self.autocast_dtype,
+                                      channels_last=self.memory_format == torch.channels_last,
+                                      progress=self.is_main and cfg.logging.progress_bar, desc=f"eval {epoch}",
+                                      all_ranks=self.dist.distributed)
+            record.update({f"val_{k}": v for k, v in self.last_eval.items()})
+            expected = getattr(self.val_loader, "dataset_size", None)
+            if expected is not None and self.last_eval["count"] != expected:
+                log.warning("evaluation counted %d images but the val split has %d", self.last_eval["count"],
+                            expected)
+            log.info("epoch %d | val top-1 %.2f top-5 %.2f loss %.4f | %d images, %.1f img/s", epoch,
+                     self.last_eval["top1"], self.last_eval["top5"], self.last_eval["loss"], self.last_eval["count"],
+                     self.last_eval["images_per_s"])
+        top1 = self.last_eval["top1"] if self.last_eval is not None and self.val_loader is not None else None
+        self.epoch, self.step_in_epoch = epoch + 1, 0
+        self.save_checkpoint(top1=top1)
+        if top1 is not None and (self.best_top1 is None or top1 > self.best_top1):
+            self.best_top1 = top1
+        record["best_top1"] = self.best_top1
+        self.history.append(record)
+        self.writer.write("epoch", record)
+        for hook in self.hooks:
+            hook.on_epoch_end(self, record)
+        return record
+
+    def _log_interval(self, means: dict[str, float], count: int, lr: float, seconds: float, data_wait: float,
+                      bar: tqdm) -> None:
+        rate = count / seconds if seconds > 0 else math.nan
+        record: dict[str, Any] = {"epoch": self.epoch, "step": self.step_in_epoch, "global_step": self.global_step,
+                                  "lr": lr, **means, "samples": count, "images_per_s": rate,
+                                  "data_wait": data_wait / seconds if seconds > 0 else math.nan}
+        if self.device.type == "cuda":
+            record["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.writer.write("train", record)
+        parts = " ".join(f"{k} {means[k]:.4f}" for k in self.part_names)
+        bar.set_postfix_str(f"{parts} lr {lr:g} {rate:.0f} img/s wait {100 * record['data_wait']:.0f}%",
+                            refresh=False)
+        if self.is_main:
+            mem = f" | mem {record['peak_mem_gb']:.1f} GB" if "peak_mem_gb" in record else ""
+            log.info("epoch %d step %d/%d | %s | top-1 %.1f | lr %g | %.0f img/s | data wait %.0f%%%s", self.epoch,
+                     self.step_in_epoch, self.steps_per_epoch(), parts, 100 * means["train_top1"], lr, rate,
+                     100 * record["data_wait"], mem)
+
+    # ---------------------------------------------------------------------------- checkpoints
+
+    def training_state(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: models, optimiser (momentum), scaler, position, RNG, config."""
+        rng = [capture_rng_state()]
+        if self.dist.distributed:
+            import torch.distributed as tdist
+
+            rng = [None] * self.dist.world_size
+            tdist.all_gather_object(rng, capture_rng_state())  # each rank's own stream
+        d = self.model.discriminator
+        return {"format": FORMAT, "version": VERSION,
+                "student": self.model.student.state_dict(),
+                "discriminator": d.state_dict() if d is not None else None,
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                "best_top1": self.best_top1, "last_eval": self.last_eval, "rng": rng,
+                "world_size": self.dist.world_size, "config": self.cfg.to_json()}
+
+    def save_checkpoint(self, *, top1: float | None = None) -> Path | None:
+        """Write the full state (rank 0) and the student's weights alone (``student_last``/``student_best``).
+
+        Collective in a distributed run (RNG states are gathered): call it on every rank.
+        """
+        state = self.training_state()
+        if not self.is_main:
+            return None
+        best_before = self.checkpoints.best_top1()
+        path = self.checkpoints.save(state, global_step=self.global_step, top1=top1)
+        save_student_weights(state["student"], self.run_dir / "student_last")
+        if top1 is not None and (best_before is None or top1 > best_before):
+            save_student_weights(state["student"], self.run_dir / "student_best")
+        log.info("checkpoint %s (epoch %d, step %d in epoch, global step %d)", path, self.epoch, self.step_in_epoch,
+                 self.global_step)
+        return path
+
+    def load_training_state(self, state: dict[str, Any], *, source: str = "checkpoint") -> None:
+        """Restore what :meth:`training_state` saved (models, optimiser, scaler, position, RNG)."""
+        load_state_dict_checked(self.model.student, state["student"], source=f"{source} (student)")
+        d = self.model.discriminator
+        if d is not None:
+            if state.get("discriminator") is None:
+                raise CheckpointError(f"{source} has no discriminator but loss.mode=meal_v2 uses one")
+            load_state_dict_checked(d, state["discriminator"], source=f"{source} (discriminator)")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"{source}: the optimiser state does not fit this run ({err}); was it written "
+                                  "with another loss.mode or model?") from err
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+        self.global_step = int(state["global_step"])
+        self.best_top1 = state.get("best_top1")
+        self.last_eval = state.get("last_eval")
+        rng = state.get("rng") or []
+        if len(rng) == self.dist.world_size:
+            restore_rng_state(rng[self.dist.rank])
+        elif rng:
+            log.warning("%s was written by %d rank(s), this run has %d: RNG streams are re-seeded, not restored",
+                        source, len(rng), self.dist.world_size)
+            seed_everything(self.cfg.runtime.seed + self.global_step + self.dist.rank)
+
+    def resume(self, spec: str) -> Path | None:
+        """Continue from a checkpoint: ``auto`` (the newest valid one in the run dir, if any) or a path.
+
+        Returns:
+            The checkpoint used, or None (``auto`` with no checkpoint: a fresh start).
+
+        Raises:
+            CheckpointError: an explicit path that is damaged, or ``auto`` when every checkpoint is.
+        """
+        if not spec:
+            return None
+        if spec == "auto":
+            path, state, skipped = self.checkpoints.find_latest_valid(map_location="cpu")
+            for bad, reason in skipped:
+                log.warning("resume: skipped damaged checkpoint %s: %s", bad, reason)
+            if path is None:
+                if skipped:
+                    raise CheckpointError(f"resume=auto: every checkpoint in {self.checkpoints.directory} is "
+                                          f"damaged ({len(skipped)} tried); see the warnings above")
+                log.info("resume=auto: no checkpoint in %s; starting from scratch", self.checkpoints.directory)
+                return None
+        else:
+            path, state = Path(spec), load_checkpoint(spec, map_location="cpu")
+        self.load_training_state(state, source=str(path))
+        log.info("resumed from %s: epoch %d, step %d in the epoch, global step %d", path, self.epoch,
+                 self.step_in_epoch, self.global_step)
+        return path
+
+
+# --------------------------------------------------------------------------------------------
+# From a config
+# --------------------------------------------------------------------------------------------
+
+
+def check_dataset_classes(cfg: Config, loader: Any, split: str) -> None:
+    """Fail with the fix when a split's class count differs from ``model.num_classes``."""
+    if loader.num_classes != cfg.model.num_classes:
+        raise ValueError(f"data.root={cfg.data.root!r}: the {split} split has {loader.num_classes} classes but "
+                         f"model.num_classes={cfg.model.num_classes}; set --set model.num_classes={loader.num_classes}"
+                         " (teachers, student and dataset must agree)")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_trainer(cfg: Config, *, dist: DistInfo | None = None, hooks: Sequence[TrainerHook] = ()) -> Trainer:
+    """Build loaders, student, teachers and discriminator from ``cfg`` and wrap them in a :class:`Trainer`.
+
+    Models are initialised from ``runtime.seed`` (the same on every rank; DDP broadcasts rank 0's
+    anyway); after that each rank draws from ``seed + rank`` (CutMix, dropout).
+    """
+    from fastmeal.data import build_loader
+    from fastmeal.distributed import init_distributed
+    from fastmeal.models.factory import build_discriminator, build_student, build_teachers
+
+    dist = dist or init_distributed(cfg.runtime.device)
+    seed_everything(cfg.runtime.seed)
+    train_loader = build_loader(cfg, "train", rank=dist.rank, world_size=dist.world_size, device=dist.device)
+    val_loader = build_loader(cfg, "val", rank=dist.rank, world_size=dist.world_size, device=dist.device)
+    check_dataset_classes(cfg, train_loader, "train")  # before any model is built or downloaded
+    student = build_student(cfg)
+    discriminator = build_discriminator(cfg)
+    teachers = build_teachers(cfg, dist.device) if cfg.loss.mode == "meal_v2" else None
+    seed_everything(cfg.runtime.seed + dist.rank)
+    return Trainer(cfg, student=student, discriminator=discriminator, teachers=teachers, train_loader=train_loader,
+                   val_loader=val_loader, dist=dist, hooks=hooks)
+
+
+def train(cfg: Config, *, hooks: Sequence[TrainerHook] = ()) -> dict[str, Any]:
+    """``fastmeal train``: build everything from ``cfg``, resume as ``runtime.resume`` says, fit.
+
+    Returns:
+        :meth:`Trainer.fit`'s summary, plus ``run_dir`` and ``resumed_from``.
+    """
+    from fastmeal.distributed import shutdown
+
+    try:
+        trainer = build_trainer(cfg, hooks=hooks)
+        resumed = trainer.resume(cfg.runtime.resume)
+        summary = trainer.fit()
+    finally:
+        shutdown()
+    return {**summary, "run_dir": str(trainer.run_dir), "resumed_from": str(resumed) if resumed else None}

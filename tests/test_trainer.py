@@ -1,0 +1,431 @@
+"""The training loop on tiny CPU models: LR regime, a golden 3-step run, resume equivalence, checkpoints.
+
+The models are tiny CNNs with BatchNorm (so train/eval mode and running statistics matter) and the
+loaders are in-memory tensors with a seeded order per epoch: every run is deterministic, so the
+resume tests compare parameters and optimiser state exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastmeal.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
+from fastmeal.config import build_config
+from fastmeal.losses import meal_v2_loss
+from fastmeal.metrics import read_jsonl
+from fastmeal.models.discriminator import Discriminator
+from fastmeal.trainer import DistillationModel, Trainer, TrainerHook, cutmix_, resolve_precision
+
+NUM_CLASSES = 5
+SIZE = 16
+
+
+class TinyNet(nn.Module):
+    """conv-BN-ReLU-pool-linear: a classifier with BatchNorm, ``num_classes`` like a timm model."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES, width: int = 8) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.conv = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+class TensorLoader:
+    """The Loader protocol over in-memory tensors; the order is a seeded permutation per epoch."""
+
+    backend = "memory"
+    num_skipped = 0
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, shuffle: bool = True,
+                 seed: int = 0) -> None:
+        self.images, self.labels, self.batch_size, self.shuffle, self.seed = images, labels, batch_size, shuffle, seed
+        self.num_classes = NUM_CLASSES
+        self.classes = tuple(f"c{i}" for i in range(NUM_CLASSES))
+        self.dataset_size = self.num_samples = len(labels)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.labels)
+        order = (torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
+                 if self.shuffle else torch.arange(n))
+        for i in range(0, n, self.batch_size):
+            idx = order[i:i + self.batch_size]
+            yield self.images[idx].contiguous(memory_format=torch.channels_last), self.labels[idx]
+
+
+def make_data(num_train: int = 40, num_val: int = 13, batch_size: int = 8):
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(NUM_CLASSES, (num_train + num_val,), generator=g)
+    # Class-dependent colour plus noise: learnable, so losses move.
+    images = torch.randn(num_train + num_val, 3, SIZE, SIZE, generator=g) * 0.5
+    images += (labels.float() / NUM_CLASSES).view(-1, 1, 1, 1)
+    train = TensorLoader(images[:num_train], labels[:num_train], batch_size)
+    val = TensorLoader(images[num_train:], labels[num_train:], 5, shuffle=False)
+    return train, val
+
+
+def make_teachers(seed: int = 7):
+    torch.manual_seed(seed)
+    teachers = [TinyNet(width=6).eval(), TinyNet(width=4).eval()]
+    for t in teachers:
+        t.requires_grad_(False)
+
+    def ensemble(x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([t(x) for t in teachers])
+
+    return ensemble
+
+
+def tiny_config(tmp_path, **overrides):
+    base = {
+        "runtime.run_dir": str(tmp_path / "run"), "runtime.device": "cpu", "runtime.keep_last": 10,
+        "model.num_classes": NUM_CLASSES, "model.pretrained": False,
+        "precision.mode": "fp32", "precision.channels_last": "false",
+        "loss.impl": "torch", "optim.lr": 0.1, "schedule.epochs": 2, "schedule.lr_steps": "",
+        "logging.interval": 1, "logging.progress_bar": "false",
+    }
+    base.update({k: str(v) for k, v in overrides.items()})
+    return build_config("demo", overrides=base)
+
+
+def make_trainer(cfg, *, seed: int = 0, hooks=(), run_dir=None):
+    torch.manual_seed(seed)
+    student = TinyNet()
+    discriminator = Discriminator(NUM_CLASSES) if cfg.loss.mode == "meal_v2" else None
+    train, val = make_data()
+    teachers = make_teachers() if cfg.loss.mode == "meal_v2" else None
+    return Trainer(cfg, student=student, discriminator=discriminator, teachers=teachers, train_loader=train,
+                   val_loader=val, hooks=hooks, run_dir=run_dir)
+
+
+def assert_same_training_state(a: Trainer, b: Trainer) -> None:
+    for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items(), strict=True):
+        assert torch.equal(x, y), f"{name} differs"
+    sa, sb = a.optimizer.state_dict(), b.optimizer.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    assert sa["state"].keys() == sb["state"].keys() and len(sa["state"]) > 0
+    for key in sa["state"]:
+        assert torch.equal(sa["state"][key]["momentum_buffer"], sb["state"][key]["momentum_buffer"]), key
+    assert (a.epoch, a.step_in_epoch, a.global_step) == (b.epoch, b.step_in_epoch, b.global_step)
+
+
+class LrRecorder(TrainerHook):
+    def __init__(self):
+        self.seen = []
+
+    def after_step(self, trainer, parts):
+        self.seen.append((trainer.epoch, [(g["name"], g["lr"]) for g in trainer.optimizer.param_groups]))
+
+
+def test_lr_regime_per_epoch_for_every_group(tmp_path):
+    cfg = tiny_config(tmp_path, **{"schedule.epochs": 3, "schedule.lr_steps": "1:0.01,2:0.001",
+                                   "runtime.max_steps_per_epoch": 2})
+    recorder = LrRecorder()
+    make_trainer(cfg, hooks=[recorder]).fit()
+    assert [e for e, _ in recorder.seen] == [0, 0, 1, 1, 2, 2]
+    for epoch, groups in recorder.seen:
+        assert [name for name, _ in groups] == ["student", "discriminator"]
+        assert all(lr == cfg.lr_at(epoch) for _, lr in groups), (epoch, groups)
+    assert [cfg.lr_at(e) for e in range(3)] == [0.1, 0.01, 0.001]
+    epochs = read_jsonl(tmp_path / "run" / "metrics.jsonl", "epoch")
+    assert [r["lr"] for r in epochs] == [0.1, 0.01, 0.001]
+
+
+def test_golden_three_steps_match_a_hand_written_loop(tmp_path):
+    cfg = tiny_config(tmp_path, **{"schedule.epochs": 1, "runtime.max_steps_per_epoch": 3, "optim.momentum": 0.9})
+    trainer = make_trainer(cfg, seed=3)
+    student, disc = copy.deepcopy(trainer.model.student), copy.deepcopy(trainer.model.discriminator)
+    teachers = make_teachers()
+    train, _ = make_data()
+    train.set_epoch(0)
+    # The reference's step, written out: one SGD over student + D, loss = kd + d, one backward.
+    opt = torch.optim.SGD([*student.parameters(), *disc.parameters()], lr=0.1, momentum=0.9, weight_decay=0.0)
+    expected = []
+    for step, (images, _) in enumerate(train):
+        if step == 3:
+            break
+        images = images.contiguous()  # precision.channels_last=false: the trainer feeds NCHW
+        with torch.no_grad():
+            t = teachers(images)
+        out = meal_v2_loss(student(images), t, disc, impl="torch")
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        expected.append({k: out[k].item() for k in ("loss", "kd", "d", "kl")})
+
+    trainer.fit()
+    logged = read_jsonl(tmp_path / "run" / "metrics.jsonl", "train")
+    assert [r["global_step"] for r in logged] == [1, 2, 3]
+    for got, want in zip(logged, expected, strict=True):
+        for key in ("loss", "kd", "d", "kl"):
+            # kl = kd - H(p) cancels: an fp32 ulp of kd is ~1e-7 absolute.
+            assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-6), key
+        assert got["loss"] == pytest.approx(got["kd"] + got["d"], rel=1e-6)
+    assert expected[0]["loss"] != pytest.approx(expected[2]["loss"], rel=1e-4)  # the steps did move the model
+    for x, y in zip(student.state_dict().values(), trainer.model.student.state_dict().values(), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_resume_two_epochs_equals_one_plus_one(tmp_path):
+    straight = make_trainer(tiny_config(tmp_path / "a"))
+    straight.fit()
+
+    first = make_trainer(tiny_config(tmp_path / "b", **{"schedule.epochs": 1}))
+    first.fit()
+    # A different initialisation: everything must come from the checkpoint.
+    second = make_trainer(tiny_config(tmp_path / "b"), seed=99)
+    used = second.resume("auto")
+    assert used is not None and (second.epoch, second.step_in_epoch) == (1, 0)
+    second.fit()
+    assert_same_training_state(straight, second)
+    for key in ("top1", "top5", "loss", "count"):
+        assert second.last_eval[key] == straight.last_eval[key]
+
+
+def test_resume_mid_epoch_from_a_step_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path / "a", **{"schedule.epochs": 1, "runtime.checkpoint_every_steps": 2})
+    straight = make_trainer(cfg)
+    straight.fit()
+    ckpts = CheckpointManager(tmp_path / "a" / "run" / "checkpoints").checkpoints()
+    step2 = next(p for p in ckpts if p.name == "ckpt-000000002.pt")
+    state = load_checkpoint(step2)
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 2, 2)
+    assert state["discriminator"] is not None and state["optimizer"]["state"]
+
+    resumed = make_trainer(tiny_config(tmp_path / "b", **{"schedule.epochs": 1}), seed=5)
+    resumed.resume(str(step2))
+    resumed.fit()
+    assert_same_training_state(straight, resumed)
+
+
+def test_request_stop_writes_a_checkpoint_that_resumes(tmp_path):
+    class StopAt(TrainerHook):
+        def after_step(self, trainer, parts):
+            if trainer.global_step == 3:
+                trainer.request_stop("test")
+
+    cfg = tiny_config(tmp_path)
+    stopped = make_trainer(cfg, hooks=[StopAt()])
+    summary = stopped.fit()
+    assert summary["stopped"] == "test" and summary["global_step"] == 3
+    resumed = make_trainer(cfg, seed=1)
+    resumed.resume("auto")
+    assert (resumed.epoch, resumed.step_in_epoch, resumed.global_step) == (0, 3, 3)
+    resumed.fit()
+    straight = make_trainer(tiny_config(tmp_path / "s"))
+    straight.fit()
+    assert_same_training_state(straight, resumed)
+
+
+_KILLED_WRITER = textwrap.dedent("""
+    import io, sys, time
+    import torch
+    from fastmeal.checkpoint import CheckpointManager, load_checkpoint
+
+    directory, source, step = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    state = load_checkpoint(source)
+
+    def save_then_hang(obj, f):
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        data = buffer.getvalue()
+        f.write(data[: len(data) // 2])
+        f.flush()
+        print("HALF-WRITTEN", flush=True)
+        time.sleep(600)
+
+    CheckpointManager(directory).save(state, global_step=step, save=save_then_hang)
+""")
+
+
+def test_killed_checkpoint_write_leaves_the_previous_one_and_resume_auto_uses_it(tmp_path, caplog):
+    cfg = tiny_config(tmp_path)
+    first = make_trainer(cfg)
+    first.fit()  # 2 epochs of 5 steps: checkpoints at global steps 5 and 10
+    directory = tmp_path / "run" / "checkpoints"
+    manager = CheckpointManager(directory)
+    assert [p.name for p in manager.checkpoints()] == ["ckpt-000000010.pt", "ckpt-000000005.pt"]
+
+    # A real process killed (SIGKILL) halfway through writing the step-15 checkpoint.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(directory),
+                             str(directory / "ckpt-000000010.pt"), "15"],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "HALF-WRITTEN"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    leftovers = [p.name for p in directory.iterdir() if ".tmp-" in p.name]
+    assert leftovers == [f".ckpt-000000015.pt.tmp-{proc.pid}"]
+    assert not (directory / "ckpt-000000015.pt").exists()
+
+    # And a newest file that was truncated after the fact (a bad copy): detected by its digest.
+    newest = (directory / "ckpt-000000010.pt").read_bytes()
+    (directory / "ckpt-000000020.pt").write_bytes(newest[: len(newest) // 3])
+    (directory / "ckpt-000000020.pt.sha256").write_text((directory / "ckpt-000000010.pt.sha256").read_text())
+    with pytest.raises(CheckpointError, match="damaged or truncated"):
+        load_checkpoint(directory / "ckpt-000000020.pt")
+
+    resumed = make_trainer(tiny_config(tmp_path, **{"schedule.epochs": 3}), seed=4)
+    with caplog.at_level(logging.WARNING, logger="fastmeal"):
+        used = resumed.resume("auto")
+    assert used == directory / "ckpt-000000010.pt"
+    assert "ckpt-000000020.pt" in caplog.text and "damaged" in caplog.text
+    assert_same_training_state(first, resumed)
+    resumed.fit()  # removes the stale temporary file, trains epoch 2
+    assert not [p for p in directory.iterdir() if ".tmp-" in p.name]
+    assert resumed.epoch == 3
+
+
+def test_resume_auto_with_only_damaged_checkpoints_fails_loudly(tmp_path):
+    directory = tmp_path / "run" / "checkpoints"
+    directory.mkdir(parents=True)
+    (directory / "ckpt-000000004.pt").write_bytes(b"not a zip file")
+    trainer = make_trainer(tiny_config(tmp_path))
+    with pytest.raises(CheckpointError, match="every checkpoint"):
+        trainer.resume("auto")
+
+
+def test_resume_auto_without_checkpoints_starts_fresh(tmp_path):
+    trainer = make_trainer(tiny_config(tmp_path))
+    assert trainer.resume("auto") is None and trainer.global_step == 0
+
+
+def test_epoch_outputs_metrics_checkpoints_and_student_weights(tmp_path):
+    cfg = tiny_config(tmp_path, **{"runtime.keep_last": 1, "logging.interval": 2})
+    trainer = make_trainer(cfg)
+    summary = trainer.fit()
+    run = tmp_path / "run"
+    assert summary["epochs"] == 2 and summary["global_step"] == 10
+    assert (run / "config.json").read_text().strip() == cfg.to_json()
+    assert [p.name for p in CheckpointManager(run / "checkpoints").checkpoints()] == ["ckpt-000000010.pt"]
+    assert (run / "checkpoints" / "best.pt").is_file()
+    best_step = min((r for r in read_jsonl(run / "metrics.jsonl", "epoch")), key=lambda r: -r["val_top1"])
+    assert load_checkpoint(run / "checkpoints" / "best.pt")["global_step"] == best_step["global_step"]
+    for stem in ("student_last", "student_best"):
+        assert (run / f"{stem}.safetensors").is_file() and (run / f"{stem}.pth").is_file()
+    state = load_checkpoint(run / "checkpoints" / "ckpt-000000010.pt")
+    assert state["config"] == cfg.to_json()
+    assert set(state["rng"][0]) >= {"torch", "numpy", "python"}
+    train_rows = read_jsonl(run / "metrics.jsonl", "train")
+    # Logged every 2 steps and at each epoch's end (5 steps per epoch).
+    assert [r["global_step"] for r in train_rows] == [2, 4, 5, 6, 8, 10]
+    assert sum(r["samples"] for r in train_rows) == 2 * 40
+    epochs = read_jsonl(run / "metrics.jsonl", "epoch")
+    assert [r["val_count"] for r in epochs] == [13, 13]
+    assert all(0 <= r["data_wait"] <= 1 and r["train_images_per_s"] > 0 for r in epochs)
+    assert all(r["train_d"] > 0.3465 for r in epochs)  # the final ReLU's floor, ln(2)/2 (SPEC step 6)
+
+
+def test_ce_mode_trains_without_teachers_or_discriminator(tmp_path):
+    cfg = tiny_config(tmp_path, **{"loss.mode": "ce", "schedule.epochs": 1})
+    trainer = make_trainer(cfg)
+    assert trainer.teachers is None and trainer.model.discriminator is None
+    assert [g["name"] for g in trainer.optimizer.param_groups] == ["student"]
+    trainer.fit()
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl", "train")
+    assert set(rows[0]) >= {"loss", "train_top1"} and "kd" not in rows[0]
+
+
+def test_meal_v2_mode_needs_teachers_and_classes_must_agree(tmp_path):
+    cfg = tiny_config(tmp_path)
+    train, val = make_data()
+    with pytest.raises(ValueError, match="needs teachers"):
+        Trainer(cfg, student=TinyNet(), discriminator=None, teachers=None, train_loader=train, val_loader=val)
+    with pytest.raises(ValueError, match="model.num_classes=5"):
+        Trainer(cfg, student=TinyNet(num_classes=3), discriminator=None, teachers=make_teachers(),
+                train_loader=train, val_loader=val)
+    train.num_classes = 7
+    with pytest.raises(ValueError, match="train split has 7 classes"):
+        Trainer(cfg, student=TinyNet(), discriminator=None, teachers=make_teachers(), train_loader=train,
+                val_loader=val)
+
+
+def test_cutmix_pastes_one_box_from_a_permutation():
+    torch.manual_seed(0)
+    images = torch.randn(6, 3, 20, 24)
+    original = images.clone()
+    for _ in range(20):
+        mixed, lam, perm = cutmix_(images.clone())
+        changed = (mixed != original).any(1)  # [B, H, W]
+        box = changed.any(0)
+        ys, xs = box.nonzero(as_tuple=True)
+        if len(ys) == 0:  # an empty box, or the identity permutation
+            assert lam == 1.0 or torch.equal(perm, torch.arange(6))
+            continue
+        y1, y2, x1, x2 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+        torch.testing.assert_close(mixed[:, :, y1:y2, x1:x2], original[perm][:, :, y1:y2, x1:x2], rtol=0, atol=0)
+        outside = torch.ones(20, 24, dtype=torch.bool)
+        outside[y1:y2, x1:x2] = False
+        assert torch.equal(mixed[:, :, outside], original[:, :, outside])
+        assert lam == pytest.approx(1 - float((y2 - y1) * (x2 - x1)) / (20 * 24))
+
+
+def test_cutmix_training_step_sees_the_mixed_batch(tmp_path):
+    seen = []
+    ensemble = make_teachers()
+
+    def teachers(x):
+        seen.append(x.clone())
+        return ensemble(x)
+
+    cfg = tiny_config(tmp_path, **{"data.cutmix": "true", "schedule.epochs": 1, "runtime.max_steps_per_epoch": 1})
+    train, val = make_data()
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, student=TinyNet(), discriminator=Discriminator(NUM_CLASSES), teachers=teachers,
+                      train_loader=train, val_loader=None)
+    trainer.fit()
+    train.set_epoch(0)
+    first_batch = next(iter(train))[0]
+    assert len(seen) == 1 and not torch.equal(seen[0], first_batch)
+
+
+def test_resolve_precision():
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == (None, False)
+    assert resolve_precision("amp", cpu) == (torch.bfloat16, False)
+    assert resolve_precision("amp-fp16", cpu) == (torch.float16, True)
+
+
+def test_amp_bf16_step_runs_on_the_cpu(tmp_path):
+    cfg = tiny_config(tmp_path, **{"precision.mode": "amp", "precision.channels_last": "true",
+                                   "schedule.epochs": 1, "runtime.max_steps_per_epoch": 2})
+    trainer = make_trainer(cfg)
+    summary = trainer.fit()
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl", "train")
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert summary["last_eval"]["count"] == 13
+
+
+def test_distillation_model_gradient_reaches_the_student_through_the_discriminator():
+    torch.manual_seed(0)
+    student, disc = TinyNet(), Discriminator(NUM_CLASSES, final_relu=False)
+    model = DistillationModel(student, disc, mode="meal_v2", loss_impl="torch")
+    images = torch.randn(4, 3, SIZE, SIZE)
+    teacher_logits = torch.randn(2, 4, NUM_CLASSES)
+    out = model(images, teacher_logits)
+    (grad_d,) = torch.autograd.grad(out["d"], student.fc.weight)
+    assert grad_d.abs().sum() > 0  # no detach between D and the student (SPEC step 9)
+    assert out["logits"].shape == (4, NUM_CLASSES)
