@@ -1,0 +1,154 @@
+"""Checkpoint files: atomic writes with digests, damage detection, pruning, best, RNG, student weights.
+
+The end-to-end cases (a writer killed mid-write, then ``resume auto``; resume equivalence) are in
+test_trainer.py, where a trainer produces the checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from fastmeal.checkpoint import (
+    FORMAT,
+    VERSION,
+    CheckpointError,
+    CheckpointManager,
+    atomic_torch_save,
+    capture_rng_state,
+    file_sha256,
+    load_checkpoint,
+    restore_rng_state,
+    save_student_weights,
+)
+
+
+def fake_state(step: int) -> dict:
+    return {"format": FORMAT, "version": VERSION, "student": {"w": torch.full((64, 64), float(step))},
+            "optimizer": {"state": {}, "param_groups": []}, "epoch": step // 10, "step_in_epoch": step % 10,
+            "global_step": step, "config": "{}"}
+
+
+def test_atomic_save_writes_a_matching_digest_and_no_temporary(tmp_path):
+    path = tmp_path / "ckpt-000000001.pt"
+    digest = atomic_torch_save(fake_state(1), path)
+    assert digest == file_sha256(path)
+    assert (tmp_path / "ckpt-000000001.pt.sha256").read_text().split()[0] == digest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000000001.pt", "ckpt-000000001.pt.sha256"]
+    assert torch.equal(load_checkpoint(path)["student"]["w"], torch.full((64, 64), 1.0))
+
+
+def test_a_failing_writer_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "ckpt-000000001.pt"
+    atomic_torch_save(fake_state(1), path)
+    before = path.read_bytes()
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_torch_save(fake_state(2), path, save=broken_save)
+    assert path.read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_flipped_byte_is_detected_although_torch_load_would_accept_it(tmp_path):
+    path = tmp_path / "ckpt-000000001.pt"
+    atomic_torch_save(fake_state(1), path)
+    data = bytearray(path.read_bytes())
+    # Flip a byte inside the tensor payload (the 64x64 block of 1.0s), where the zip stays valid.
+    index = bytes(data).find(np.float32(1.0).tobytes() * 8) + 2
+    data[index] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert not torch.equal(torch.load(path, weights_only=True)["student"]["w"], torch.full((64, 64), 1.0))
+    with pytest.raises(CheckpointError, match="damaged or truncated"):
+        load_checkpoint(path)
+
+
+def test_truncated_foreign_and_future_files_are_rejected(tmp_path):
+    good = tmp_path / "good.pt"
+    atomic_torch_save(fake_state(1), good)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[:200])  # no sidecar: torch.load itself must fail
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_checkpoint(cut)
+    weights = tmp_path / "weights.pth"
+    torch.save({"fc.weight": torch.zeros(2)}, weights)
+    with pytest.raises(CheckpointError, match="not a fastmeal checkpoint.*model.student_weights"):
+        load_checkpoint(weights)
+    future = tmp_path / "future.pt"
+    atomic_torch_save({**fake_state(1), "version": VERSION + 1}, future)
+    with pytest.raises(CheckpointError, match="upgrade fastmeal"):
+        load_checkpoint(future)
+    partial = tmp_path / "partial.pt"
+    atomic_torch_save({k: v for k, v in fake_state(1).items() if k != "optimizer"}, partial)
+    with pytest.raises(CheckpointError, match="lacks optimizer"):
+        load_checkpoint(partial)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_manager_keeps_the_last_k_and_the_best(tmp_path):
+    manager = CheckpointManager(tmp_path / "ckpts", keep_last=2)
+    for step, top1 in ((10, 50.0), (20, 70.0), (30, 60.0), (40, None)):
+        manager.save(fake_state(step), global_step=step, top1=top1)
+    assert [p.name for p in manager.checkpoints()] == ["ckpt-000000040.pt", "ckpt-000000030.pt"]
+    assert manager.best_top1() == 70.0
+    assert load_checkpoint(manager.best_path)["global_step"] == 20  # kept although ckpt-20 was pruned
+    assert json.loads((tmp_path / "ckpts" / "best.json").read_text())["from"] == "ckpt-000000020.pt"
+    files = sorted(p.name for p in (tmp_path / "ckpts").iterdir())
+    assert files == ["best.json", "best.pt", "best.pt.sha256", "ckpt-000000030.pt", "ckpt-000000030.pt.sha256",
+                     "ckpt-000000040.pt", "ckpt-000000040.pt.sha256"]
+
+
+def test_find_latest_valid_walks_back_past_damage_and_ignores_temporaries(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=5)
+    for step in (1, 2, 3):
+        manager.save(fake_state(step), global_step=step)
+    (tmp_path / ".ckpt-000000004.pt.tmp-123").write_bytes(b"half")
+    newest = tmp_path / "ckpt-000000003.pt"
+    newest.write_bytes(newest.read_bytes()[:-100])
+    path, state, skipped = manager.find_latest_valid()
+    assert path == tmp_path / "ckpt-000000002.pt" and state["global_step"] == 2
+    assert [p.name for p, _ in skipped] == ["ckpt-000000003.pt"] and "truncated" in skipped[0][1]
+    assert [p.name for p in manager.remove_stale_temporaries()] == [".ckpt-000000004.pt.tmp-123"]
+
+
+def test_disabled_manager_writes_nothing(tmp_path):
+    manager = CheckpointManager(tmp_path / "c", enabled=False)
+    assert manager.save(fake_state(1), global_step=1, top1=1.0) is None
+    assert not (tmp_path / "c").exists()
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    state = capture_rng_state()
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    path = tmp_path / "rng.pt"
+    atomic_torch_save({**fake_state(1), "rng": [state]}, path)
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    restore_rng_state(load_checkpoint(path)["rng"][0])
+    got = (random.random(), np.random.rand(), torch.rand(3))
+    assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+def test_student_weights_load_with_timm_checkpoint_path(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=4).to(memory_format=torch.channels_last)
+    st, pth = save_student_weights(model.state_dict(), tmp_path / "student_last")
+    assert (st.name, pth.name) == ("student_last.safetensors", "student_last.pth")
+    for path in (st, pth):
+        loaded = timm.create_model("test_resnet", num_classes=4, checkpoint_path=str(path))
+        for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+            assert torch.equal(a, b), (path.name, k)
+    assert isinstance(torch.load(pth, weights_only=True), dict)
