@@ -61,6 +61,81 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _setup_logging() -> None:
+    """INFO lines from rank 0, warnings only from the other ranks (STYLE: one rank-0 logger)."""
+    import logging
+    import os
+
+    level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
+    logger = logging.getLogger("fastmeal")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean "fix your input" (their message says how): reported without a traceback."""
+    from fastmeal.checkpoint import CheckpointError
+    from fastmeal.data.common import DataError
+    from fastmeal.models.factory import WeightsError
+    from fastmeal.trainer import SetupError
+
+    return CheckpointError, DataError, WeightsError, SetupError
+
+
+def _report_user_error(err: Exception) -> int:
+    print(f"fastmeal: error: {err}", file=sys.stderr)
+    return 2
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fastmeal.trainer import train
+
+    cfg = config_from_args(args, **{"runtime.resume": args.resume})
+    _setup_logging()
+    try:
+        summary = train(cfg)
+    except _user_errors() as err:
+        return _report_user_error(err)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fastmeal.evaluate import evaluate_config
+
+    extra = {"model.student": args.model, "model.student_weights": args.weights, "data.root": args.data,
+             "data.image_size": args.res, "data.eval_resize": args.resize, "data.eval_batch_size": args.batch_size,
+             "data.workers": args.workers, "data.backend": args.backend, "runtime.device": args.device,
+             "precision.mode": args.precision}
+    cfg = config_from_args(args, **{k: str(v) for k, v in extra.items() if v is not None})
+    _setup_logging()
+    try:
+        result = evaluate_config(cfg, progress=not args.no_progress)
+    except _user_errors() as err:
+        return _report_user_error(err)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{result['model']} ({result['weights']}) at {result['image_size']} px (resize {result['eval_resize']}):"
+              f" top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
+              f"[{result['count']} images, {result['images_per_s']:.1f} img/s on {result['device']}]")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fastmeal.demo import run_demo
+
+    _setup_logging()
+    try:
+        run_demo(args.out, seed=args.seed, progress=not args.no_progress)
+    except _user_errors() as err:
+        return _report_user_error(err)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastmeal", description="Fast, faithful MEAL V2 distillation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +165,37 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("dir")
     check.add_argument("--no-progress", action="store_true")
     check.set_defaults(func=cmd_data_check)
+
+    train = sub.add_parser("train", help="train (MEAL V2 distillation, or hard labels with loss.mode=ce)")
+    _add_config_args(train)
+    train.add_argument("--resume", metavar="auto|PATH",
+                       help="continue from the newest valid checkpoint of the run dir (auto) or from PATH")
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="top-1/top-5 of a model on a val split (single centre crop, SPEC protocol)")
+    _add_config_args(ev)
+    ev.add_argument("--model", required=True, metavar="TAG", help="timm tag, e.g. resnet50 or resnet50.ram_in1k")
+    ev.add_argument("--weights", metavar="FILE",
+                    help=".pth/.pt/.safetensors (a released MEAL V2 file with module. keys loads); "
+                         "default: the tag's pretrained weights")
+    ev.add_argument("--data", required=True, metavar="DIR", help="dataset root holding val/<class>/*")
+    ev.add_argument("--res", type=int, default=224, metavar="S", help="crop size S (default 224)")
+    ev.add_argument("--resize", type=int, metavar="R", help="short side before the crop (default int(256/224*S))")
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--workers", type=int, default=8)
+    ev.add_argument("--backend", choices=("auto", "dali", "torchvision"))
+    ev.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    ev.add_argument("--precision", default="fp32", choices=("fp32", "amp", "amp-bf16", "amp-fp16"),
+                    help="fp32 (default, the reference's numerics) or autocast")
+    ev.add_argument("--json", action="store_true", help="print the result as JSON")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(func=cmd_eval)
+
+    demo = sub.add_parser("demo", help="end to end on the CPU: synthetic data, two teachers, a baseline, MEAL V2")
+    demo.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the dataset and of every training run")
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -17,12 +17,31 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from fastmeal.config import Config
 from fastmeal.metrics import DeviceMeans, topk_correct
 from fastmeal.profiling import phase
 
 log = logging.getLogger("fastmeal.evaluate")
 
 _COUNTS = ("top1", "top5", "loss")
+
+
+def resolve_precision(mode: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """``(autocast dtype or None, use a grad scaler)`` for ``precision.mode`` on ``device``.
+
+    ``amp`` is bf16 where the device supports it (the CPU, Ampere and later), else fp16 with a grad
+    scaler; ``fp32`` is the reference's numerics (no autocast).
+    """
+    if mode == "fp32":
+        return None, False
+    if mode == "amp":
+        bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
+        mode = "amp-bf16" if bf16 else "amp-fp16"
+    if mode == "amp-bf16":
+        return torch.bfloat16, False
+    if mode == "amp-fp16":
+        return torch.float16, True
+    raise ValueError(f"precision.mode={mode!r} is not one of amp, amp-bf16, amp-fp16, fp32")
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -74,3 +93,41 @@ def evaluate(model: nn.Module, loader: Any, *, device: torch.device, autocast_dt
     seconds = time.perf_counter() - start
     return {"top1": 100.0 * totals["top1"], "top5": 100.0 * totals["top5"], "loss": totals["loss"], "count": count,
             "seconds": seconds, "images_per_s": count / seconds if seconds > 0 else float("nan")}
+
+
+def evaluate_config(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
+    """``fastmeal eval``: the student of ``cfg`` (tag + ``model.student_weights``) on ``data.root``'s val split.
+
+    The class count comes from the dataset (``model.num_classes`` is set from it), so a weights file
+    made for another count fails with the classifier shapes. Without a weights file the tag's
+    pretrained weights are used (hub or cache).
+
+    Args:
+        cfg: ``model.student``, ``model.student_weights``, ``data.*`` (root, image_size,
+            eval_resize, eval_batch_size, workers, backend), ``precision.*`` and ``runtime.device``.
+        progress: show a progress bar.
+
+    Returns:
+        :func:`evaluate`'s metrics plus ``model``, ``weights``, ``image_size``, ``eval_resize`` and
+        ``device``.
+    """
+    from fastmeal.data import build_loader
+    from fastmeal.distributed import resolve_device
+    from fastmeal.models.factory import build_student
+
+    device = resolve_device(cfg.runtime.device)
+    loader = build_loader(cfg, "val", device=device)
+    if loader.num_classes != cfg.model.num_classes:
+        cfg = cfg.replace({"model.num_classes": loader.num_classes})
+    model = build_student(cfg).to(device)
+    autocast_dtype, _ = resolve_precision(cfg.precision.mode, device)
+    channels_last = cfg.precision.channels_last
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    result = evaluate(model, loader, device=device, autocast_dtype=autocast_dtype, channels_last=channels_last,
+                      progress=progress, desc=f"eval {cfg.model.student}", all_ranks=False)
+    if result["count"] != loader.dataset_size:
+        log.warning("evaluated %d images but the val split has %d", result["count"], loader.dataset_size)
+    return {"model": cfg.model.student, "weights": cfg.model.student_weights or "(pretrained)",
+            "image_size": cfg.data.image_size, "eval_resize": cfg.data.resolved_eval_resize,
+            "device": str(device), **result}

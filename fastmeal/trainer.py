@@ -17,6 +17,7 @@ with a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -43,8 +44,8 @@ from fastmeal.checkpoint import (
     save_student_weights,
 )
 from fastmeal.config import Config
-from fastmeal.distributed import DistInfo
-from fastmeal.evaluate import autocast_context, evaluate
+from fastmeal.distributed import DistInfo, broadcast_buffers, check_ranks_agree
+from fastmeal.evaluate import autocast_context, evaluate, resolve_precision
 from fastmeal.losses import meal_v2_loss
 from fastmeal.metrics import DeviceMeans, MetricsWriter, topk_correct
 from fastmeal.models.factory import load_state_dict_checked, model_num_classes
@@ -55,27 +56,13 @@ log = logging.getLogger("fastmeal.trainer")
 TeacherFn = Callable[[Tensor], Tensor]  # [B, 3, S, S] -> [K, B, C]
 
 
+class SetupError(ValueError):
+    """Parts of a run that do not fit together (class counts, a mode without its teachers); says how to fix it."""
+
+
 # --------------------------------------------------------------------------------------------
 # Pieces of a step
 # --------------------------------------------------------------------------------------------
-
-
-def resolve_precision(mode: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """``(autocast dtype or None, use a grad scaler)`` for ``precision.mode`` on ``device``.
-
-    ``amp`` is bf16 where the device supports it (the CPU, Ampere and later), else fp16 with a grad
-    scaler; ``fp32`` is the reference's numerics (no autocast).
-    """
-    if mode == "fp32":
-        return None, False
-    if mode == "amp":
-        bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
-        mode = "amp-bf16" if bf16 else "amp-fp16"
-    if mode == "amp-bf16":
-        return torch.bfloat16, False
-    if mode == "amp-fp16":
-        return torch.float16, True
-    raise ValueError(f"precision.mode={mode!r} is not one of amp, amp-bf16, amp-fp16, fp32")
 
 
 def build_optimizer(cfg: Config, model: DistillationModel, device: torch.device) -> torch.optim.Optimizer:
@@ -262,7 +249,7 @@ class Trainer:
         self.hooks = list(hooks)
         self.mode = cfg.loss.mode
         if self.mode == "meal_v2" and teachers is None:
-            raise ValueError("loss.mode=meal_v2 needs teachers (build_teachers); use loss.mode=ce for hard labels")
+            raise SetupError("loss.mode=meal_v2 needs teachers (build_teachers); use loss.mode=ce for hard labels")
         self.teachers = teachers if self.mode == "meal_v2" else None
         self.train_loader, self.val_loader = train_loader, val_loader
         self._check_classes(student, train_loader, val_loader)
@@ -305,7 +292,7 @@ class Trainer:
         want = self.cfg.model.num_classes
         got = model_num_classes(student)
         if got != want:
-            raise ValueError(f"the student ({self.cfg.model.student}) predicts {got} classes but model.num_classes="
+            raise SetupError(f"the student ({self.cfg.model.student}) predicts {got} classes but model.num_classes="
                              f"{want}")
         check_dataset_classes(self.cfg, train_loader, "train")
         if val_loader is not None:
@@ -357,8 +344,6 @@ class Trainer:
             (the stop reason or None), ``train_images_per_s`` (mean over this call's epochs) and
             ``seconds``.
         """
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(self.cfg.to_json() + "\n")
@@ -370,7 +355,7 @@ class Trainer:
         start = time.perf_counter()
         rates = []
         try:
-            with logging_redirect_tqdm(loggers=[logging.getLogger("fastmeal")]):
+            with _log_through_tqdm():
                 for hook in self.hooks:
                     hook.on_train_start(self)
                 while self.epoch < self.cfg.schedule.epochs:
@@ -457,6 +442,7 @@ class Trainer:
                                   "train_samples": epoch_samples, "train_seconds": train_seconds,
                                   "train_images_per_s": epoch_samples / train_seconds if train_seconds else math.nan,
                                   "data_wait": epoch_data_wait / train_seconds if train_seconds else math.nan}
+        broadcast_buffers(self.model)  # every rank evaluates rank 0's BN statistics, the ones its checkpoint stores
         if self.val_loader is not None:
             self.last_eval = evaluate(self.model.student, self.val_loader, device=self.device,
                                       autocast_dtype=self.autocast_dtype,
@@ -579,6 +565,10 @@ class Trainer:
             path, state, skipped = self.checkpoints.find_latest_valid(map_location="cpu")
             for bad, reason in skipped:
                 log.warning("resume: skipped damaged checkpoint %s: %s", bad, reason)
+            # A run dir that some node does not see would silently start those ranks from scratch.
+            check_ranks_agree(path.name if path else None, "the checkpoint to resume from (resume=auto)",
+                              hint=f"runtime.run_dir={self.run_dir} must be on a file system every node sees",
+                              error=CheckpointError)
             if path is None:
                 if skipped:
                     raise CheckpointError(f"resume=auto: every checkpoint in {self.checkpoints.directory} is "
@@ -598,10 +588,27 @@ class Trainer:
 # --------------------------------------------------------------------------------------------
 
 
+def _log_through_tqdm() -> contextlib.AbstractContextManager:
+    """Route console log lines through tqdm so they do not tear the progress bar.
+
+    Only loggers that have a console handler are redirected (tqdm's helper adds a handler to every
+    logger it is given, which would print each line twice through a propagating child logger).
+    """
+    import sys
+
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    def console(handler: logging.Handler) -> bool:
+        return isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.stderr)
+
+    loggers = [lg for lg in (logging.root, logging.getLogger("fastmeal")) if any(map(console, lg.handlers))]
+    return logging_redirect_tqdm(loggers=loggers) if loggers else contextlib.nullcontext()
+
+
 def check_dataset_classes(cfg: Config, loader: Any, split: str) -> None:
     """Fail with the fix when a split's class count differs from ``model.num_classes``."""
     if loader.num_classes != cfg.model.num_classes:
-        raise ValueError(f"data.root={cfg.data.root!r}: the {split} split has {loader.num_classes} classes but "
+        raise SetupError(f"data.root={cfg.data.root!r}: the {split} split has {loader.num_classes} classes but "
                          f"model.num_classes={cfg.model.num_classes}; set --set model.num_classes={loader.num_classes}"
                          " (teachers, student and dataset must agree)")
 
@@ -620,9 +627,11 @@ def build_trainer(cfg: Config, *, dist: DistInfo | None = None, hooks: Sequence[
     anyway); after that each rank draws from ``seed + rank`` (CutMix, dropout).
     """
     from fastmeal.data import build_loader
-    from fastmeal.distributed import init_distributed
+    from fastmeal.distributed import check_global_batches, init_distributed, world_size_from_env
     from fastmeal.models.factory import build_discriminator, build_student, build_teachers
 
+    # Before joining the process group, so that every rank fails at once instead of waiting for the others.
+    check_global_batches(cfg.data, dist.world_size if dist else world_size_from_env())
     dist = dist or init_distributed(cfg.runtime.device)
     seed_everything(cfg.runtime.seed)
     train_loader = build_loader(cfg, "train", rank=dist.rank, world_size=dist.world_size, device=dist.device)
@@ -643,9 +652,11 @@ def train(cfg: Config, *, hooks: Sequence[TrainerHook] = ()) -> dict[str, Any]:
         :meth:`Trainer.fit`'s summary, plus ``run_dir`` and ``resumed_from``.
     """
     from fastmeal.distributed import shutdown
+    from fastmeal.hooks import default_hooks
 
     try:
-        trainer = build_trainer(cfg, hooks=hooks)
+        # Graceful preemption (SIGTERM/SIGUSR1) and the profile.* step windows, then the caller's hooks.
+        trainer = build_trainer(cfg, hooks=[*default_hooks(cfg), *hooks])
         resumed = trainer.resume(cfg.runtime.resume)
         summary = trainer.fit()
     finally:

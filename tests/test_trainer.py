@@ -429,3 +429,49 @@ def test_distillation_model_gradient_reaches_the_student_through_the_discriminat
     (grad_d,) = torch.autograd.grad(out["d"], student.fc.weight)
     assert grad_d.abs().sum() > 0  # no detach between D and the student (SPEC step 9)
     assert out["logits"].shape == (4, NUM_CLASSES)
+
+
+class LookupModel(nn.Module):
+    """Returns stored logits for each sample; the sample index is written in pixel (0, 0, 0)."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = table
+        self.calls_in_eval_mode = []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.calls_in_eval_mode.append(not self.training)
+        return self.table[images[:, 0, 0, 0].round().long()]
+
+
+def test_evaluate_counts_every_image_once_with_known_predictions():
+    from fastmeal.evaluate import evaluate
+
+    num, classes = 23, 7
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(classes, (num,), generator=g)
+    # Sample i ranks its true class at position rank[i] (0 = top): top-1 is rank 0, top-5 is rank < 5.
+    ranks = torch.tensor([0, 1, 4, 5, 6, 0, 2, 0, 3, 6, 0, 0, 1, 5, 0, 4, 0, 2, 6, 0, 3, 0, 1])
+    table = torch.empty(num, classes)
+    for i in range(num):
+        others = [c for c in range(classes) if c != labels[i]]
+        order = others[: ranks[i]] + [int(labels[i])] + others[ranks[i]:]
+        table[i, order] = torch.linspace(3.0, -3.0, classes)
+    images = torch.zeros(num, 3, 4, 4)
+    images[:, 0, 0, 0] = torch.arange(num, dtype=torch.float32)
+    loader = TensorLoader(images, labels, batch_size=5, shuffle=False)  # 4 full batches and a partial one
+    loader.num_classes = classes
+    model = LookupModel(table).train()
+    result = evaluate(model, loader, device=torch.device("cpu"), channels_last=False)
+    assert result["count"] == num
+    assert result["top1"] == pytest.approx(100.0 * (ranks == 0).sum().item() / num)
+    assert result["top5"] == pytest.approx(100.0 * (ranks < 5).sum().item() / num)
+    assert result["loss"] == pytest.approx(F.cross_entropy(table, labels).item(), rel=1e-6)
+    assert all(model.calls_in_eval_mode) and model.training  # eval mode for the pass, then restored
+
+
+def test_topk_with_fewer_classes_than_k():
+    from fastmeal.metrics import topk_correct
+
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]])
+    assert topk_correct(logits, torch.tensor([1, 2]), (1, 5)).tolist() == [1.0, 2.0]

@@ -1,0 +1,56 @@
+"""A shrunken demo (tiny data, tiny models, one epoch per stage): the pipeline and its outputs, not the margin."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fastmeal.demo import DemoSettings, run_demo
+
+SHRUNK = DemoSettings(
+    num_classes=3, train_per_class=6, val_per_class=3, size_range=(36, 48),
+    teacher_epochs=1, baseline_epochs=1, distill_epochs=1,
+    overrides=(("data.image_size", "32"), ("data.batch_size", "6"), ("data.workers", "0"),
+               ("data.backend", "torchvision"), ("model.student", "test_resnet"),
+               ("model.teachers", "test_resnet,test_efficientnet")),
+)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, run_demo(out, seed=1, settings=SHRUNK, progress=False)
+
+
+def test_summary_json_has_every_stage(demo):
+    out, summary = demo
+    written = json.loads((out / "summary.json").read_text())
+    for key in ("teachers", "baseline", "distilled"):
+        assert 0.0 <= written[key]["top1"] <= written[key]["top5"] <= 100.0
+    assert [m["model"] for m in written["teachers"]["members"]] == ["test_resnet", "test_efficientnet"]
+    assert written["margin_top1"] == pytest.approx(written["distilled"]["top1"] - written["baseline"]["top1"])
+    assert written["seed"] == 1 and written["total_seconds"] > 0
+    assert summary["distilled"]["top1"] == written["distilled"]["top1"]
+
+
+def test_the_distillation_starts_from_the_files_the_earlier_stages_wrote(demo):
+    out, summary = demo
+    cfg = json.loads((out / "distilled" / "config.json").read_text())
+    assert cfg["loss"]["mode"] == "meal_v2"
+    assert cfg["model"]["student_weights"] == str(out / "baseline" / "student_last.safetensors")
+    assert [t["weights"] for t in cfg["model"]["teachers"]] == [
+        str(out / "teacher0" / "student_last.safetensors"), str(out / "teacher1" / "student_last.safetensors")]
+    for stage in ("teacher0", "teacher1", "baseline"):
+        assert json.loads((out / stage / "config.json").read_text())["loss"]["mode"] == "ce"
+    records = [json.loads(line) for line in (out / "distilled" / "metrics.jsonl").read_text().splitlines()]
+    assert {"kd", "d", "kl"} <= set(next(r for r in records if r["kind"] == "train"))
+
+
+def test_the_table_is_printed(demo, capsys):
+    from fastmeal.demo import format_table
+
+    table = format_table(demo[1])
+    for row in ("teacher 0", "teacher 1", "teachers (ensemble)", "baseline (hard labels)", "distilled (MEAL V2)",
+                "distilled - baseline"):
+        assert row in table
