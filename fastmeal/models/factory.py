@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import pickle
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -344,11 +344,26 @@ def build_teacher_models(cfg: Config) -> list[nn.Module]:
     return models
 
 
-def build_teachers(cfg: Config, device: torch.device) -> TeacherEnsemble:
-    """The frozen teacher ensemble on ``device``; calling it on ``[B, 3, S, S]`` gives ``[K, B, C]`` logits."""
+def build_teachers(cfg: Config, device: torch.device, *, models: Sequence[nn.Module] | None = None) -> TeacherEnsemble:
+    """The frozen teacher ensemble on ``device``; calling it on ``[B, 3, S, S]`` gives ``[K, B, C]`` logits.
+
+    Args:
+        cfg: the run's config (``model.teachers``, ``teacher_engine``, ``precision``).
+        device: where the teachers run.
+        models: the K teacher modules, one per ``model.teachers`` entry, instead of building them with their
+            weights (:func:`build_teacher_models`): the benchmarks pass random-weight models (speed does not
+            depend on the weights). They are taken over and changed in place, as :class:`TeacherEnsemble` does.
+
+    Raises:
+        ValueError: ``models`` given with another count than ``model.teachers``.
+    """
     from fastmeal.models.teachers import TeacherEnsemble
 
-    models = build_teacher_models(cfg)
+    if models is None:
+        models = build_teacher_models(cfg)
+    elif len(models) != len(cfg.model.teachers):
+        raise ValueError(f"build_teachers got {len(models)} teacher models for {len(cfg.model.teachers)} "
+                         "model.teachers entries")
     channels_last = [t.channels_last and cfg.precision.channels_last for t in cfg.model.teachers]
     engine = cfg.teacher_engine
     # The teachers run in the dtype the loader delivers (fp32 on the CPU and in precision.mode=fp32).
