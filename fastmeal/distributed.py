@@ -1,16 +1,26 @@
 """Process-group set-up for torchrun (one process per GPU, NCCL; gloo on the CPU) and small helpers.
 
 A run started without torchrun is a world of one and never initialises a process group, so every
-helper here is also correct (and free) in a plain single-process run.
+helper here is also correct (and free) in a plain single-process run. torchrun describes the world in
+the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``), on one
+node (``--nproc-per-node 8``) or several (``--nnodes 2 --rdzv-backend c10d --rdzv-endpoint HOST:PORT``).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from fastmeal.config import ConfigError
+
+if TYPE_CHECKING:
+    from fastmeal.config import DataConfig
 
 
 @dataclass(frozen=True)
@@ -70,12 +80,81 @@ def barrier() -> None:
         dist.barrier()
 
 
-def per_rank_batch(global_batch: int, world_size: int) -> int:
-    """The config states the global batch; each rank takes an equal share of it."""
+def per_rank_batch(global_batch: int, world_size: int, *, key: str = "data.batch_size") -> int:
+    """The config states the global batch; each rank takes an equal share of it.
+
+    The reference's 512 is 64 per GPU on 8 GPUs (SPEC); a share that is not whole would change the
+    batch the optimiser sees, so it is an error, not a rounding.
+
+    Raises:
+        ConfigError: ``global_batch`` is not a multiple of ``world_size``; the message names ``key``.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size={world_size} must be >= 1")
     if global_batch % world_size:
-        raise ValueError(f"data.batch_size={global_batch} (the global batch) is not divisible by the world size "
-                         f"{world_size}; choose a multiple of {world_size}")
+        lower = global_batch - global_batch % world_size
+        hint = f"{lower} or {lower + world_size}" if lower else f"{world_size}"
+        raise ConfigError(f"{key}={global_batch} (the global batch) is not divisible by the world size {world_size}; "
+                          f"choose a multiple of {world_size}, e.g. {hint}")
     return global_batch // world_size
+
+
+def check_global_batches(data: DataConfig, world_size: int) -> None:
+    """Fail at start-up, on every rank and before any process waits for another, on a batch that does not split.
+
+    Checks the training batch (``data.batch_size``) and the evaluation batch (``data.eval_batch_size``,
+    which defaults to the training batch).
+    """
+    per_rank_batch(data.batch_size, world_size, key="data.batch_size")
+    if data.eval_batch_size:
+        per_rank_batch(data.eval_batch_size, world_size, key="data.eval_batch_size")
+
+
+def world_size_from_env() -> int:
+    """The world size torchrun announced (``WORLD_SIZE``), 1 without torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """Copy ``src``'s buffers (BatchNorm running statistics) to every rank, in place; free in a world of one.
+
+    DDP broadcasts rank 0's buffers at the start of each training forward, so between steps every
+    rank holds rank 0's statistics updated by its *own* last batch. Before evaluating or saving, this
+    makes every rank hold rank 0's, which are the ones its checkpoint stores (the reference's
+    DataParallel, too, keeps the statistics of the first GPU's sub-batch).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src=src)
+
+
+def all_gather_objects(value: Any) -> list[Any]:
+    """Every rank's ``value`` (picklable), in rank order; ``[value]`` in a world of one. Collective."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def check_ranks_agree(value: Any, what: str, *, hint: str = "",
+                      error: Callable[[str], Exception] = RuntimeError) -> None:
+    """Raise on every rank when the ranks hold different values. Collective.
+
+    Every rank raises, not only the odd one out: a lone failure would leave the others waiting in the
+    next collective until the process-group timeout.
+
+    Args:
+        value: this rank's value (picklable, comparable with ``==``).
+        what: what the value is, for the message (e.g. "the checkpoint to resume from").
+        hint: how to fix it, appended to the message.
+        error: the exception type to raise, given the message.
+    """
+    values = all_gather_objects(value)
+    if any(v != values[0] for v in values[1:]):
+        per_rank = "; ".join(f"rank {r}: {v!r}" for r, v in enumerate(values))
+        raise error(f"the ranks disagree on {what} ({per_rank}){'; ' + hint if hint else ''}")
 
 
 class PreemptionHandler:
