@@ -82,6 +82,7 @@ VARIANTS = {v.name: v for v in (
     Variant("fp16_cl_fold_graph_compile", True, True, True, True, True),
 )}
 REFERENCE = "fp32_nchw_eager"
+COMPILE_RESERVE_S = 60.0  # budget left that a torch.compile row needs to start
 
 
 def calibrate_batchnorm(model: nn.Module, images: torch.Tensor) -> nn.Module:
@@ -196,12 +197,14 @@ def main(argv: list[str] | None = None) -> dict:
     ref_median: dict[tuple[str, int], float] = {}
     rows: list[dict] = []
     built: tuple[tuple[str, str], TeacherEnsemble] | None = None
-    for target, variant_name, batch in _plan(targets, batches, variants):
+    plan = _plan(targets, batches, variants)
+    for target, variant_name, batch in plan:
         variant = VARIANTS[variant_name]
         row = {"target": target, "variant": variant_name, "batch": batch, "image_size": size,
                "dtype": str(low if variant.low_precision else torch.float32).removeprefix("torch.")}
-        elapsed = time.perf_counter() - start
-        if elapsed > args.budget_s:
+        left = args.budget_s - (time.perf_counter() - start)
+        # Inductor compiles each teacher for about a minute: do not start one that would overrun.
+        if left < (COMPILE_RESERVE_S if variant.compile else 0):
             rows.append({**row, "status": "skipped: time budget"})
             continue
         try:
@@ -239,6 +242,9 @@ def main(argv: list[str] | None = None) -> dict:
             row["status"] = f"error: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
             built = None
         rows.append(row)
+        # Written after every row: if the suite's time limit kills the run, what was measured remains.
+        harness.write_result(args.json, benchmark="teachers", settings=settings, rows=rows,
+                             notes=[*notes, f"PARTIAL: {len(rows)} of {len(plan)} rows so far"], device=device)
         print(f"  {target:28s} {variant_name:28s} B={batch:<4d} {row.get('img_per_s', 0):9.1f} img/s  "
               f"x{row.get('speedup_vs_ref') or 0:.2f}  {row['status']}", flush=True)
 

@@ -280,6 +280,15 @@ def test_a_batch_in_the_teachers_dtype_and_layout_is_not_converted():
     assert probe.seen[-1].is_contiguous(memory_format=torch.channels_last)
 
 
+def test_an_autocast_region_around_the_call_does_not_change_the_teachers_dtype():
+    ens = TeacherEnsemble([_fresh("resnet10t")], device="cpu")
+    x = _images(16, SIZE, seed=0)[:2]
+    plain = ens(x).clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_amp = ens(x)
+    assert under_amp.dtype == torch.float32 and torch.equal(under_amp, plain)
+
+
 def test_teachers_stay_frozen_in_eval_mode_and_out_of_saved_state():
     ens = TeacherEnsemble(_small_teachers()[:2], device="cpu", fold_bn=False)
     assert all(not p.requires_grad for p in ens.parameters())

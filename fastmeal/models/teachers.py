@@ -43,7 +43,6 @@ from typing import Any, Protocol
 import torch
 import torch.fx as fx
 from timm.layers import BatchNormAct2d, Conv2dSame
-from timm.layers._fx import get_notrace_functions, get_notrace_modules
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_weights
@@ -82,6 +81,22 @@ class FoldReport:
         return len(self.left)
 
 
+def _timm_notrace() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
+    """timm's registries of modules and functions that symbolic tracing must not enter."""
+    try:  # timm >= 1.0.8 or so
+        from timm.layers._fx import get_notrace_functions, get_notrace_modules
+
+        return tuple(get_notrace_modules()), tuple(get_notrace_functions())
+    except ImportError:
+        pass
+    try:  # older timm kept them in its feature-extraction module
+        from timm.models._features_fx import _autowrap_functions, _leaf_modules
+
+        return tuple(_leaf_modules), tuple(_autowrap_functions)
+    except ImportError:  # tracing still works for the SPEC's teachers: Conv2d and BN subclasses are leaves
+        return (), ()
+
+
 class _Tracer(fx.Tracer):
     """An fx tracer that keeps convolutions, BatchNorms and timm's untraceable modules opaque.
 
@@ -91,8 +106,9 @@ class _Tracer(fx.Tracer):
     """
 
     def __init__(self) -> None:
-        super().__init__(autowrap_functions=tuple(get_notrace_functions()))
-        self._leaf_types = tuple(get_notrace_modules())
+        leaf_types, functions = _timm_notrace()
+        super().__init__(autowrap_functions=functions)
+        self._leaf_types = leaf_types
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, nn.Conv2d | _BatchNorm) or (self._leaf_types and isinstance(m, self._leaf_types)):
@@ -129,7 +145,7 @@ def _why_not_foldable(node: fx.Node, modules: dict[str, nn.Module], calls: colle
     conv = modules[src.target]
     if not isinstance(conv, nn.Conv2d):
         return f"its input comes from {src.target} ({type(conv).__name__}), not a Conv2d"
-    if type(conv).forward not in _FOLDABLE_CONV_FORWARDS:
+    if type(conv).forward not in _FOLDABLE_CONV_FORWARDS or type(conv)._conv_forward is not nn.Conv2d._conv_forward:
         return f"its input conv {src.target} is a {type(conv).__name__}, whose forward transforms its weight"
     if calls[src.target] != 1:
         return f"its input conv {src.target} is called {calls[src.target]} times in forward"
@@ -244,7 +260,9 @@ def capture_cuda_graph(fn: Callable[[], Any], *, device: torch.device, pool: Any
             fn()
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    # thread_local: the loader's threads (DALI, pin-memory) keep using CUDA while this thread captures;
+    # in the default "global" mode their calls would abort the capture.
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         fn()
     return graph
 
@@ -506,7 +524,9 @@ class TeacherEnsemble:
             raise ValueError(f"the batch is on {images.device} but the teachers are on {self.device}; "
                              "the loader must deliver batches on the training device")
         self._ensure_eval()
-        with torch.no_grad():
+        # The teachers run in their own dtype: an autocast region around the call (a trainer's AMP)
+        # would otherwise recast their inputs and weights, possibly to another half type, every step.
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
             if self._graphs is not None:
                 return self._graphs(images)
             return self._forward_into(images, self._outputs.get(images.shape[0]))
