@@ -475,3 +475,30 @@ def test_topk_with_fewer_classes_than_k():
 
     logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]])
     assert topk_correct(logits, torch.tensor([1, 2]), (1, 5)).tolist() == [1.0, 2.0]
+
+
+def test_optimizer_choices(tmp_path):
+    from fastmeal.trainer import build_optimizer
+
+    trainer = make_trainer(tiny_config(tmp_path))
+    opt = trainer.optimizer
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["foreach"] is True  # auto on the CPU
+    assert (opt.defaults["momentum"], opt.defaults["nesterov"], opt.defaults["weight_decay"]) == (0.9, False, 0.0)
+    plain = build_optimizer(tiny_config(tmp_path, **{"optim.impl": "torch"}), trainer.model, torch.device("cpu"))
+    assert not plain.defaults.get("foreach") and not plain.defaults.get("fused")
+    with pytest.raises(RuntimeError, match="optim.impl=apex needs CUDA"):
+        build_optimizer(tiny_config(tmp_path, **{"optim.impl": "apex"}), trainer.model, torch.device("cpu"))
+
+
+def test_tensorboard_request_without_tensorboard_names_the_install(tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        trainer = make_trainer(tiny_config(tmp_path, **{"logging.tensorboard": "true"}))
+        with pytest.raises(RuntimeError, match="pip install tensorboard"):
+            trainer.fit()
+    else:  # with TensorBoard installed, scalars are written next to the JSONL
+        trainer = make_trainer(tiny_config(tmp_path, **{"logging.tensorboard": "true", "runtime.max_steps_per_epoch": 1,
+                                                        "schedule.epochs": 1}))
+        trainer.fit()
+        assert any((tmp_path / "run" / "tensorboard").iterdir())
