@@ -310,6 +310,49 @@ def test_teachers_stay_frozen_in_eval_mode_and_out_of_saved_state():
     assert not bn.training and torch.equal(bn.running_mean, before)
 
 
+def test_teachers_stay_frozen_through_a_real_training_run_and_are_not_checkpointed(tmp_path):
+    """``Trainer.fit`` (model.train() every epoch, eval in between, checkpoints) with a BN-carrying
+    ensemble: BN left unfolded, so a teacher in training mode would move its running statistics."""
+    from tiny import NUM_CLASSES as TINY_CLASSES
+    from tiny import ShardedTensorLoader, SmallNet, make_data, tiny_config
+
+    from fastmeal.checkpoint import load_checkpoint
+    from fastmeal.trainer import Trainer
+
+    torch.manual_seed(0)
+    teachers = [_with_bn_stats(SmallNet(batchnorm=True, width=w), size=16) for w in (6, 4)]
+    ens = TeacherEnsemble(teachers, device="cpu", fold_bn=False, channels_last=False)
+    before = [copy.deepcopy(t.state_dict()) for t in ens.models]
+    images, labels = make_data()
+    train = ShardedTensorLoader(images[:24], labels[:24], 8)
+    val = ShardedTensorLoader(images[24:], labels[24:], 4, shuffle=False, shard_eval=True)
+    cfg = tiny_config(tmp_path / "run", **{"schedule.epochs": 1})
+    trainer = Trainer(cfg, student=SmallNet(batchnorm=True), discriminator=Discriminator(TINY_CLASSES),
+                      teachers=ens, train_loader=train, val_loader=val)
+    trainer.fit()
+
+    assert trainer.global_step == 3
+    for model, state in zip(ens.models, before, strict=True):
+        assert not any(m.training for m in model.modules())
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, state[key]), key
+    def tensors(obj):
+        if isinstance(obj, torch.Tensor):
+            yield obj
+        elif isinstance(obj, dict | list | tuple):
+            for value in obj.values() if isinstance(obj, dict) else obj:
+                yield from tensors(value)
+
+    checkpoints = list((tmp_path / "run").rglob("ckpt-*.pt"))
+    assert checkpoints, "the run wrote no checkpoint"
+    saved = list(tensors(load_checkpoint(checkpoints[-1])))
+    student_weight = trainer.model.student.conv1.weight.detach()
+    assert any(t.shape == student_weight.shape and torch.equal(t, student_weight) for t in saved)  # search works
+    for model in ens.models:
+        for name, p in model.named_parameters():
+            assert not any(t.shape == p.shape and torch.equal(t, p) for t in saved), f"teacher {name} was saved"
+
+
 def test_the_loss_backpropagates_into_the_student_with_teacher_logits_as_constants():
     ens = TeacherEnsemble([_fresh("resnet10t"), _fresh("resnet10t")], device="cpu")
     student = timm.create_model("resnet10t", pretrained=False, num_classes=NUM_CLASSES).train()
