@@ -157,6 +157,23 @@ def check_ranks_agree(value: Any, what: str, *, hint: str = "",
         raise error(f"the ranks disagree on {what} ({per_rank}){'; ' + hint if hint else ''}")
 
 
+def ignore_preemption_signals(worker_id: int = 0) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn signature
+    """DataLoader ``worker_init_fn``: the loader's worker processes ignore SIGTERM and SIGUSR1.
+
+    torchrun forwards a signal to each rank's whole process group and SLURM signals every process of a
+    job step, so the loader's workers get the rank's preemption signal too. torch's worker dies on a
+    SIGTERM that does not come from its parent, and the rank's SIGCHLD handler then raises in the
+    middle of the step, before the checkpoint. The rank handles the signal (:class:`PreemptionHandler`);
+    its workers end when it shuts its loaders down, or when it exits (they watch their parent).
+    """
+    import signal
+
+    for name in PreemptionHandler.SIGNALS:
+        signum = getattr(signal, name, None)
+        if signum is not None:
+            signal.signal(signum, signal.SIG_IGN)
+
+
 class PreemptionHandler:
     """Turns SIGTERM / SIGUSR1 (what SLURM sends before it kills a job) into a graceful stop.
 

@@ -17,6 +17,7 @@ from fastmeal.distributed import (
     broadcast_buffers,
     check_global_batches,
     check_ranks_agree,
+    ignore_preemption_signals,
     init_distributed,
     per_rank_batch,
     resolve_device,
@@ -110,3 +111,33 @@ def test_collectives_across_two_gloo_ranks():
         # Every rank raises (not only the odd one out), naming every rank's value and the fix.
         assert disagreement == ("the ranks disagree on the checkpoint to resume from (rank 0: 'rank-0'; "
                                 "rank 1: 'rank-1'); use a shared file system")
+
+
+class _SignalDispositions(torch.utils.data.Dataset):
+    """Each item: this worker's pid and whether it ignores SIGTERM and SIGUSR1."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int):
+        return os.getpid(), [signal.getsignal(s) is signal.SIG_IGN for s in (signal.SIGTERM, signal.SIGUSR1)]
+
+
+def test_loader_workers_ignore_preemption_signals_meant_for_their_rank():
+    """torchrun signals the rank's process group; the worker must survive it for the rank to checkpoint."""
+    from torch.utils.data import DataLoader
+
+    def batches(worker_init_fn):
+        loader = DataLoader(_SignalDispositions(), batch_size=None, num_workers=1, persistent_workers=True,
+                            worker_init_fn=worker_init_fn)
+        return loader, iter(loader)
+
+    _, plain = batches(None)
+    assert next(plain)[1] == [False, False]  # torch's own worker: SIGTERM from anyone but its parent kills it
+    del plain
+    loader, it = batches(ignore_preemption_signals)
+    pid, ignored = next(it)
+    assert ignored == [True, True]
+    os.kill(pid, signal.SIGTERM)  # as torchrun's os.killpg reaches it
+    assert [next(it)[0] for _ in range(3)] == [pid] * 3  # the same worker, alive, serves the rest of the epoch
+    assert next(iter(loader))[0] == pid  # and the next epoch
