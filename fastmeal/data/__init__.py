@@ -69,8 +69,7 @@ def choose_backend(requested: str) -> str:
         return "dali"
     if requested != "auto":
         raise DataError(f"data.backend={requested!r} is not one of auto, dali, torchvision")
-    # TEMPORARY (first commit): the DALI backend lands in the next commits; until then auto = torchvision.
-    return "torchvision"
+    return "dali" if dali_available() else "torchvision"
 
 
 def build_loader(cfg: Config, split: str, *, rank: int = 0, world_size: int = 1,
@@ -101,7 +100,9 @@ def build_loader(cfg: Config, split: str, *, rank: int = 0, world_size: int = 1,
                  "" if backend == "dali" else f" (DALI is not installed: `{DALI_INSTALL}` for the fast loader)")
     scanned = scan_split(cfg.data.root, split)
     if backend == "dali":
-        raise DataError("data.backend=dali: the DALI backend is not committed yet; use data.backend=torchvision")
+        from fastmeal.data.dali import DaliLoader
+
+        return DaliLoader(cfg, scanned, split, rank=rank, world_size=world_size, device=device, batch_size=batch_size)
     from fastmeal.data.torchvision import TorchvisionLoader
 
     return TorchvisionLoader(cfg, scanned, split, rank=rank, world_size=world_size, device=device,

@@ -8,12 +8,15 @@ decoded and augmented.
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
+from torch.utils.data import DistributedSampler, Sampler
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from fastmeal.config import Config
@@ -115,9 +118,47 @@ def images_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.teacher_engine.dtype]
 
 
-def resolve_image_sizes(cfg: Config) -> tuple[int, int]:
-    """``(S, R)``: the train/eval crop size and the eval short-side resize (int(256/224·S) by default)."""
-    return cfg.data.image_size, cfg.data.resolved_eval_resize
+class EvalShardSampler(Sampler[int]):
+    """Indices ``rank, rank + world_size, ...``: every sample exactly once over all ranks, no padding.
+
+    ``DistributedSampler`` pads the last shard with repeated samples, which would count some val
+    images twice; eval must count each once (SPEC: top-1/top-5 on the full val set).
+    """
+
+    def __init__(self, num_samples: int, rank: int, world_size: int):
+        self.indices = range(rank, num_samples, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Eval order does not depend on the epoch (the same interface as DistributedSampler)."""
+
+
+def build_sampler(split: str, num_samples: int, *, rank: int, world_size: int, seed: int) -> Sampler[int]:
+    """Which samples this rank reads, in which order; both backends use it, so they shard identically.
+
+    train: the reference's ``DistributedSampler`` (a fresh permutation of seed + epoch every epoch, each
+    rank taking every ``world_size``-th index; the shards are padded with repeats to ``ceil(N/W)``
+    samples each so that every rank runs the same number of steps). With a world of one it is a seeded
+    permutation per epoch, like the single-GPU reference's ``shuffle=True``. val: :class:`EvalShardSampler`.
+    """
+    if split == "train":
+        # DistributedSampler only needs len(dataset); a range stands in for the dataset.
+        return DistributedSampler(range(num_samples), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                  drop_last=False)
+    return EvalShardSampler(num_samples, rank, world_size)
+
+
+def epoch_counts(samples_per_rank: int, batch_size: int, drop_last: bool) -> tuple[int, int]:
+    """``(batches, samples)`` this rank yields per epoch: the last batch is partial unless dropped."""
+    if drop_last:
+        num_batches = samples_per_rank // batch_size
+        return num_batches, num_batches * batch_size
+    return math.ceil(samples_per_rank / batch_size), samples_per_rank
 
 
 def load_rgb(path: str) -> Image.Image:

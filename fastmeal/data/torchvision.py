@@ -17,11 +17,11 @@ included) so that ``set_epoch`` makes the order a function of (seed, epoch); wor
 from __future__ import annotations
 
 import logging
-import math
+import sys
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms
 
 from fastmeal.config import Config
@@ -31,7 +31,10 @@ from fastmeal.data.common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     CorruptImageError,
+    DataError,
     Split,
+    build_sampler,
+    epoch_counts,
     images_dtype,
     load_rgb,
     next_decodable,
@@ -87,23 +90,6 @@ def _collate(batch: list[tuple[torch.Tensor, int, tuple[str, ...]]]) -> tuple[to
     return images, labels, skipped
 
 
-class EvalShardSampler(Sampler[int]):
-    """Indices ``rank, rank + world_size, ...``: every sample exactly once over all ranks, no padding.
-
-    ``DistributedSampler`` pads the last shard with repeated samples, which would count some val
-    images twice; eval must count each once (SPEC: top-1/top-5 on the full val set).
-    """
-
-    def __init__(self, num_samples: int, rank: int, world_size: int):
-        self.indices = range(rank, num_samples, world_size)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
 class TorchvisionLoader:
     """Batches ``(images [B,3,S,S] channels-last, labels [B] int64)`` on ``device`` (the Loader protocol)."""
 
@@ -119,24 +105,22 @@ class TorchvisionLoader:
         self.dataset_size = len(split)
         self.batch_size = batch_size
         self._skipped: set[str] = set()
+        self._epoch = 0  # the epoch of the next pass
         train = split_name == "train"
         dataset = FolderDataset(split, build_transform(split_name, cfg.data.image_size, cfg.data.resolved_eval_resize),
                                 skip_corrupt=cfg.data.skip_corrupt)
-        if train:
-            # The reference's DistributedSampler (shuffle, padding to equal shards); with a world of one
-            # it is a seeded permutation per epoch, like the single-GPU reference's shuffle=True.
-            self.sampler: Sampler[int] = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                                            seed=cfg.runtime.seed, drop_last=False)
-            drop_last = cfg.data.last_batch == "drop"
-        else:
-            self.sampler = EvalShardSampler(len(dataset), rank, world_size)
-            drop_last = False
-        per_rank = len(self.sampler)
-        self.num_batches = per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
-        self.num_samples = self.num_batches * batch_size if drop_last else per_rank
+        self.sampler = build_sampler(split_name, len(dataset), rank=rank, world_size=world_size, seed=cfg.runtime.seed)
+        drop_last = train and cfg.data.last_batch == "drop"
+        self.num_batches, self.num_samples = epoch_counts(len(self.sampler), batch_size, drop_last)
         workers = cfg.data.workers
         # Worker seeds come from this generator: runtime.seed + rank gives each rank its own augmentations.
         generator = torch.Generator().manual_seed(cfg.runtime.seed + rank)
+        # DataLoader workers are forked (as in the reference). Forking while a DALI pipeline's threads run
+        # deadlocks the workers (seen with DALI 2.4 on the CPU), so refuse rather than hang.
+        dali = sys.modules.get("fastmeal.data.dali")
+        if workers and dali is not None and len(dali.LIVE_LOADERS):
+            raise DataError("a DALI loader is alive in this process and forking DataLoader workers now can "
+                            "deadlock them: drop the DALI loader first, or use data.workers=0")
         self._loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
                                   collate_fn=_collate, pin_memory=device.type == "cuda", drop_last=drop_last,
                                   persistent_workers=workers > 0, generator=generator,
@@ -148,14 +132,17 @@ class TorchvisionLoader:
         return len(self._skipped)
 
     def set_epoch(self, epoch: int) -> None:
-        """Make this epoch's order a function of (runtime.seed, epoch), as DistributedSampler does."""
-        if isinstance(self.sampler, DistributedSampler):
-            self.sampler.set_epoch(epoch)
+        """The epoch of the next pass: its order is DistributedSampler's for (runtime.seed, epoch)."""
+        self._epoch = epoch
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # Without set_epoch the next pass is the next epoch (the DALI backend does the same), not a
+        # replay of the last order as a bare DistributedSampler would give.
+        self.sampler.set_epoch(self._epoch)
+        self._epoch += 1
         for images, labels, skipped in self._loader:
             for path in skipped:
                 if path not in self._skipped:

@@ -1,0 +1,345 @@
+"""The fast loader: one NVIDIA DALI pipeline definition, built on the GPU (``mixed``) or CPU-only.
+
+The graph (:func:`define_graph`) reproduces the reference's augmentation (SPEC, "Data"):
+
+* train: fused ROI decode + random crop (area 0.08–1, aspect 3/4–4/3, 10 attempts, as
+  RandomResizedCrop) → bilinear resize to S×S (antialiased, as PIL) → horizontal flip p=0.5 →
+  normalise with the ImageNet mean/std;
+* val: decode → resize the short side to R = int(256/224·S), the long side to ``floor(R·long/short)``
+  (torchvision's rule) → centre crop S at torchvision's offset ``round((H-S)/2)`` (round half to even)
+  → normalise.
+
+On CUDA the decoder is ``mixed`` (nvJPEG, with ``data.dali_hw_decoder_load`` of the JPEGs sent to the
+A100/H100 hardware decoder) and every later op runs on the GPU; without CUDA the **same graph** is built
+with ``device_id=None`` and CPU operators, so CPU CI exercises the real DALI graph. The output is HWC
+(fp16 or fp32, see :func:`fastmeal.data.common.images_dtype`), which *is* a channels-last NCHW batch:
+the loader hands out ``permute(0, 3, 1, 2)`` of it, a view, not a copy. Decoding follows PIL (the
+reference): EXIF orientation is ignored (``adjust_orientation=False``), grayscale and CMYK JPEGs and
+PNGs come out as RGB.
+
+Which files, in which order: the same sampler as the torchvision backend
+(:func:`fastmeal.data.common.build_sampler`: the reference's DistributedSampler for train, an exact
+``rank::world_size`` shard for val). Its batches of paths enter the graph through ``external_source``
+and are read by ``fn.io.file.read`` on DALI's threads. So the shard of rank ``shard_id`` out of
+``num_shards`` is the reference's, the order of an epoch is a function of (``runtime.seed``, epoch)
+(the trainer's mid-epoch resume relies on it), the partial last batch is kept (``data.last_batch=keep``,
+the reference) or dropped, and val yields every image exactly once over all ranks, without padding.
+DALI's own reader was the first design; its per-epoch shuffle cannot be seeded per epoch (a resumed
+run would replay another order) and its ``pad_last_batch`` pads val shards, so it was replaced.
+
+The pipeline lives across epochs and prefetches across epoch boundaries: the batches planned next are
+those of the following epoch. ``set_epoch`` to another epoch, or a pass abandoned mid-epoch
+(``runtime.max_steps_per_epoch``), discards the (at most ``data.prefetch``) batches already in flight.
+Augmentation seeds are ``runtime.seed`` mixed with the rank.
+
+Corrupt files: the error names the file (DALI's message when it does, else the in-flight batch's file
+at the failing sample index, confirmed with PIL) as :class:`~fastmeal.data.common.CorruptImageError`.
+With ``data.skip_corrupt=true`` the file's slot goes to the next decodable file in dataset order (the
+torchvision backend's rule), now and in later epochs; the pipeline, which DALI invalidates on an error,
+is rebuilt and the in-flight batches are fed again. The epoch keeps its sample count and every rank its
+batch count (no DDP hang).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import weakref
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fastmeal.config import Config
+from fastmeal.data.common import (
+    CROP_AREA,
+    CROP_ASPECT,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CorruptImageError,
+    DataError,
+    Split,
+    build_sampler,
+    epoch_counts,
+    images_dtype,
+    load_rgb,
+    next_decodable,
+)
+
+log = logging.getLogger(__name__)
+
+# Scratch memory for nvJPEG, from NVIDIA's DALI ResNet-50 example: big enough for ImageNet's largest
+# JPEGs, so the decoder does not reallocate during the first epoch.
+_DEVICE_MEMORY_PADDING = 211_025_920
+_HOST_MEMORY_PADDING = 140_544_512
+_PATHS = "paths"
+# Loaders holding a DALI pipeline (and its native threads). Forking while DALI threads run can
+# deadlock the child, so the torchvision backend checks this before starting DataLoader workers.
+LIVE_LOADERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def define_graph(paths: Any, *, train: bool, image_size: int, eval_resize: int, decoder_device: str,
+                 dali_dtype: Any, hw_decoder_load: float) -> Any:
+    """The DALI graph of one split, from file paths to normalised crops; call inside a ``Pipeline``.
+
+    Args:
+        paths: DataNode of file paths, one uint8 array of the path's bytes per sample.
+        train: the training augmentation, else the eval preprocessing (module docstring).
+        image_size: S, the output side; ``eval_resize``: R, the eval short side.
+        decoder_device: ``"mixed"`` (nvJPEG; every later op on the GPU) or ``"cpu"``.
+        dali_dtype: output type (``types.FLOAT16`` or ``types.FLOAT``).
+        hw_decoder_load: share of JPEGs for the hardware decoder (``mixed`` on A100/H100 only).
+
+    Returns:
+        DataNode of images, HWC ``[S, S, 3]`` per sample, normalised, ``dali_dtype``.
+    """
+    from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
+
+    encoded = fn.io.file.read(paths)
+    decoder_args: dict[str, Any] = dict(device=decoder_device, output_type=types.RGB, adjust_orientation=False)
+    if decoder_device == "mixed":
+        decoder_args.update(hw_decoder_load=hw_decoder_load, device_memory_padding=_DEVICE_MEMORY_PADDING,
+                            host_memory_padding=_HOST_MEMORY_PADDING)
+    mean = [255.0 * m for m in IMAGENET_MEAN]
+    std = [255.0 * s for s in IMAGENET_STD]
+    if train:
+        images = fn.decoders.image_random_crop(encoded, random_area=list(CROP_AREA),
+                                               random_aspect_ratio=list(CROP_ASPECT), num_attempts=10, **decoder_args)
+        images = fn.resize(images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR,
+                           antialias=True)
+        return fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(probability=0.5), mean=mean, std=std,
+                                        dtype=dali_dtype, output_layout="HWC")
+    # The GPU decoder's chroma upsampling differs slightly from libjpeg's; eval numbers should be the
+    # reference's, so ask for libjpeg's ("fancy") upsampling there.
+    images = fn.decoders.image(encoded, jpeg_fancy_upsampling=decoder_device == "mixed", **decoder_args)
+    # torchvision Resize(R): short side R, long side int(R·long/short) (floor). Integer arithmetic is
+    # exact where float32 could land just below an integer and lose a pixel.
+    shape = fn.peek_image_shape(encoded, adjust_orientation=False, dtype=types.INT64)  # [H, W, C]
+    height, width = shape[0], shape[1]
+    short = dmath.min(height, width)
+    new_h, new_w = (eval_resize * height) // short, (eval_resize * width) // short
+    images = fn.resize(images, resize_x=fn.cast(new_w, dtype=types.FLOAT), resize_y=fn.cast(new_h, dtype=types.FLOAT),
+                       interp_type=types.INTERP_LINEAR, antialias=True)
+    return fn.crop_mirror_normalize(images, crop=(image_size, image_size),
+                                    crop_pos_x=_centre_crop_pos(new_w, image_size, dmath, fn, types),
+                                    crop_pos_y=_centre_crop_pos(new_h, image_size, dmath, fn, types),
+                                    mean=mean, std=std, dtype=dali_dtype, output_layout="HWC")
+
+
+def _centre_crop_pos(length: Any, crop: int, dmath: Any, fn: Any, types: Any) -> Any:
+    """Normalised crop position that DALI turns into torchvision's CenterCrop offset.
+
+    torchvision: ``int(round((length - crop) / 2))`` with Python's round half to even; DALI places the
+    window at ``roundf(pos · (length - crop))``, so pass ``pos = offset / (length - crop)``.
+    """
+    room = length - crop
+    half = room // 2
+    odd_room = room - 2 * half
+    odd_half = half - 2 * (half // 2)
+    offset = half + odd_room * odd_half  # room/2 = half + 0.5 rounds to the even one of half, half + 1
+    return fn.cast(offset, dtype=types.FLOAT) / fn.cast(dmath.max(room, 1), dtype=types.FLOAT)
+
+
+@dataclass
+class _Batch:
+    """One planned batch: its epoch, its index in the epoch and the dataset indices it reads."""
+
+    epoch: int
+    index: int
+    samples: list[int]
+
+
+class DaliLoader:
+    """Batches ``(images [B,3,S,S] channels-last view, labels [B] int64)`` on ``device`` (the Loader protocol)."""
+
+    backend = "dali"
+
+    def __init__(self, cfg: Config, split: Split, split_name: str, *, rank: int, world_size: int,
+                 device: torch.device, batch_size: int):
+        self.cfg = cfg
+        self.device = device
+        self.dtype = images_dtype(cfg, device)
+        self.train = split_name == "train"
+        self.rank = rank
+        self.batch_size = batch_size
+        self.classes = split.classes
+        self.num_classes = len(split.classes)
+        self.dataset_size = len(split)
+        self.paths = split.paths
+        self.labels = split.labels
+        self.sampler = build_sampler(split_name, len(split), rank=rank, world_size=world_size, seed=cfg.runtime.seed)
+        self._drop_last = self.train and cfg.data.last_batch == "drop"
+        self.num_batches, self.num_samples = epoch_counts(len(self.sampler), batch_size, self._drop_last)
+        if self.num_batches == 0:
+            raise DataError(f"{split.root}: {len(self.sampler)} images per rank make no full batch of {batch_size} "
+                            "with data.last_batch=drop; lower data.batch_size or use data.last_batch=keep")
+        self._substitute: dict[int, int] = {}  # corrupt sample index -> the index read in its place
+        self._bad: set[str] = set()
+        self._skipped: set[str] = set()
+        self._epoch = 0  # the epoch of the next pass
+        self._pipe = None
+        self._queue: deque[_Batch] = deque()  # planned, not yet fed to DALI
+        self._inflight: deque[_Batch] = deque()  # fed to DALI, not yet delivered
+        self._next_plan = (0, 0)  # (epoch, batch index) of the next batch to plan
+
+    # -- the Loader protocol -----------------------------------------------------------------
+
+    @property
+    def num_skipped(self) -> int:
+        """Corrupt files skipped so far (distinct paths), with ``data.skip_corrupt=true``."""
+        return len(self._skipped)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch of the next pass: its order is the sampler's for (runtime.seed, epoch)."""
+        self._epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch = self._epoch
+        self._epoch = epoch + 1  # a later set_epoch overrides; an abandoned pass still advances
+        if self._pipe is None:
+            self._build()
+        self._start_epoch(epoch)
+        for index in range(self.num_batches):
+            batch, images = self._run()
+            assert (batch.epoch, batch.index) == (epoch, index), "DALI delivered batches out of plan"
+            labels = torch.tensor([self.labels[self._substitute.get(i, i)] for i in batch.samples], dtype=torch.int64)
+            yield images, labels.to(self.device, non_blocking=True)
+
+    # -- planning: which paths the external source feeds --------------------------------------
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        self.sampler.set_epoch(epoch)
+        order = list(self.sampler)
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        return batches[:self.num_batches]
+
+    def _plan_more(self) -> None:
+        """Append the batches of the next planned epoch (prefetching runs across epoch boundaries)."""
+        epoch, start = self._next_plan
+        for index, samples in enumerate(self._epoch_batches(epoch)[start:], start):
+            self._queue.append(_Batch(epoch, index, samples))
+        self._next_plan = (epoch + 1, 0)
+
+    def _start_epoch(self, epoch: int) -> None:
+        """Make (epoch, 0) the next batch out of DALI, discarding prefetched batches of other plans."""
+        upcoming = self._inflight[0] if self._inflight else (self._queue[0] if self._queue else None)
+        if upcoming is not None and (upcoming.epoch, upcoming.index) == (epoch, 0):
+            return
+        self._queue.clear()
+        self._next_plan = (epoch, 0)
+        stale = len(self._inflight)
+        for _ in range(stale):  # decoded already or being decoded: run them out of the pipeline
+            self._run()
+
+    def _source(self) -> list[np.ndarray]:
+        """DALI's external source: the paths of the next planned batch, as uint8 arrays of their bytes."""
+        if not self._queue:
+            self._plan_more()
+        batch = self._queue.popleft()
+        self._inflight.append(batch)
+        return [np.frombuffer(self.paths[self._substitute.get(i, i)].encode(), dtype=np.uint8) for i in batch.samples]
+
+    # -- running DALI --------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        from nvidia.dali import Pipeline, fn, types
+
+        on_gpu = self.device.type == "cuda"
+        data = self.cfg.data
+        # DALI has no bfloat16: bf16 batches leave DALI as fp32 and are rounded once on the device.
+        dali_dtype = types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT
+        seed = int(np.random.SeedSequence([self.cfg.runtime.seed, self.rank]).generate_state(1)[0] & 0x7FFFFFFF)
+        pipe = Pipeline(batch_size=self.batch_size, num_threads=max(1, data.workers),
+                        device_id=(self.device.index or 0) if on_gpu else None, seed=seed,
+                        prefetch_queue_depth=data.prefetch)
+        # The callback holds the loader weakly: no pipeline <-> loader cycle, so dropping the loader frees
+        # the pipeline and its threads at once.
+        ref = weakref.ref(self)
+        with pipe:
+            paths = fn.external_source(source=lambda: ref()._source(), batch=True, dtype=types.UINT8, name=_PATHS)
+            images = define_graph(paths, train=self.train, image_size=data.image_size,
+                                  eval_resize=data.resolved_eval_resize, decoder_device="mixed" if on_gpu else "cpu",
+                                  dali_dtype=dali_dtype, hw_decoder_load=data.dali_hw_decoder_load)
+            pipe.set_outputs(images)
+        pipe.build()
+        self._pipe = pipe
+        LIVE_LOADERS.add(self)
+
+    def _drop_pipeline(self) -> None:
+        """Forget the pipeline; what it had been fed but not delivered goes back to the front of the plan."""
+        self._pipe = None
+        LIVE_LOADERS.discard(self)
+        self._queue.extendleft(reversed(self._inflight))
+        self._inflight.clear()
+
+    def _run(self) -> tuple[_Batch, torch.Tensor]:
+        """The next batch out of DALI, as ``(plan, images [B,3,S,S])``; decode errors are handled here."""
+        while True:
+            try:
+                (images,) = self._pipe.run()
+                break
+            except RuntimeError as err:
+                self._recover(err)
+        return self._inflight.popleft(), self._to_torch(images)
+
+    def _recover(self, err: RuntimeError) -> None:
+        """Name the file DALI failed on; with skip_corrupt, reassign its slot and rebuild the pipeline."""
+        message = str(err)
+        culprit = self._culprit(message)
+        self._drop_pipeline()  # DALI invalidates a pipeline after an error
+        if culprit is None:
+            raise DataError(f"the DALI pipeline failed on no identifiable file: {message}") from err
+        path = self.paths[culprit]
+        if not self.cfg.data.skip_corrupt:
+            raise CorruptImageError(f"cannot decode image file {path} (DALI: {_failure_line(message)}); set "
+                                    "data.skip_corrupt=true to skip such files") from err
+        self._bad.add(path)
+        self._substitute[culprit] = next_decodable(self.paths, culprit + 1, self._bad)
+        self._skipped.add(path)
+        log.warning("skipped corrupt image %s (data.skip_corrupt=true; %d skipped so far); its slot holds %s",
+                    path, len(self._skipped), self.paths[self._substitute[culprit]])
+        self._build()  # fed the in-flight batches again, with the substitute in the bad file's slot
+
+    def _culprit(self, message: str) -> int | None:
+        """The dataset index of the file DALI could not read or decode, or None."""
+        files = {self._substitute.get(i, i) for batch in self._inflight for i in batch.samples}
+        named = [i for i in files if self.paths[i] in message]
+        if named:
+            return max(named, key=lambda i: len(self.paths[i]))  # "x/a.JPEG" is also in "x/ba.JPEG"'s message
+        # io.file.read leaves no source info, so the decoder says "sample #k" without a name: the k-th
+        # file of an in-flight batch (the oldest first), confirmed by PIL failing on it too.
+        match = re.search(r"#(\d+)", message)
+        if match is None:
+            return None
+        k = int(match.group(1))
+        for batch in self._inflight:
+            if k < len(batch.samples):
+                index = self._substitute.get(batch.samples[k], batch.samples[k])
+                try:
+                    load_rgb(self.paths[index])
+                except CorruptImageError:
+                    return index
+        return None
+
+    def _to_torch(self, images: Any) -> torch.Tensor:
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        images = images.as_tensor()
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        staged = torch.float16 if self.dtype == torch.float16 else torch.float32  # what _build asked DALI for
+        out = torch.empty(images.shape(), dtype=staged, device=self.device)  # [B, S, S, 3]
+        feed_ndarray(images, out, cuda_stream=stream)
+        # HWC per sample is NHWC for the batch: its NCHW view is channels-last, no copy.
+        return out.permute(0, 3, 1, 2).to(self.dtype)  # .to: bf16 only, a no-op otherwise
+
+
+def _failure_line(message: str) -> str:
+    lines = [line.strip() for line in message.splitlines() if "ailed" in line]
+    return lines[0] if lines else message.strip().splitlines()[-1]
