@@ -39,6 +39,7 @@ from fastmeal.data.common import (
     load_rgb,
     next_decodable,
 )
+from fastmeal.distributed import ignore_preemption_signals
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,8 @@ class TorchvisionLoader:
         self._loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
                                   collate_fn=_collate, pin_memory=device.type == "cuda", drop_last=drop_last,
                                   persistent_workers=workers > 0, generator=generator,
+                                  # the rank handles SIGTERM/SIGUSR1 (preemption); its workers must not die of it
+                                  worker_init_fn=ignore_preemption_signals,
                                   prefetch_factor=cfg.data.prefetch if workers else None)
 
     @property
