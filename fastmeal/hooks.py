@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fastmeal.checkpoint import atomic_write_bytes
 from fastmeal.config import Config, ProfileConfig
-from fastmeal.distributed import PreemptionHandler
+from fastmeal.distributed import PreemptionHandler, barrier
 from fastmeal.profiling import ProfileWindows
 from fastmeal.trainer import Trainer, TrainerHook
 
@@ -69,8 +69,16 @@ class PreemptionHook(TrainerHook):
 
     def on_train_end(self, trainer: Trainer) -> None:
         self.handler.uninstall()
-        if not (self.stop_requested and trainer.is_main):
+        if not self.stop_requested:
             return
+        if trainer.is_main:
+            self._write_marker(trainer)
+        # No rank leaves before rank 0 has written the checkpoint and the marker: torchrun exits non-zero
+        # after a forwarded signal, and a launcher that kills the job when one node's process fails
+        # (srun --kill-on-bad-exit) would otherwise cut rank 0's write short.
+        barrier()
+
+    def _write_marker(self, trainer: Trainer) -> None:
         # Only a stop that reached its checkpoint is a preemption to resume from (fit may have raised).
         checkpoint = trainer.checkpoints.path_for(trainer.global_step)
         if not checkpoint.is_file():

@@ -171,17 +171,18 @@ def test_sigterm_to_fastmeal_train_checkpoints_exits_0_and_resume_auto_continues
     assert not (run_dir / PREEMPTED_MARKER).exists()
 
 
-def _rank1_in_its_own_process_group(rank: int, world_size: int, args: list[str]):
+def _rank1_in_its_own_process_group(rank: int, world_size: int, args: list[str], run_dir: Path):
     if rank == 1:
         os.setpgrp()  # so that the test can signal rank 1 and its DataLoader worker, and nothing else
-    return cli_worker(rank, world_size, args)
+    rc, stdout = cli_worker(rank, world_size, args)
+    return rc, stdout, (run_dir / PREEMPTED_MARKER).exists()  # rank 0's marker is on disk before any rank leaves
 
 
 def test_signal_to_one_rank_stops_both_at_the_same_step_and_both_resume(tmp_path, disk_run):
     data, teachers = disk_run
     run_dir = tmp_path / "run"
     args = cli_train_args(data, teachers, run_dir, "schedule.epochs=1", "data.workers=1")
-    world = World(_rank1_in_its_own_process_group, 2, args)
+    world = World(_rank1_in_its_own_process_group, 2, args, run_dir)
     try:
         _wait_for(lambda: _last_train_step(run_dir / "metrics.jsonl"), 180, "the first logged step")
         # Rank 1 and its DataLoader worker, as `--signal=USR1@120` signals every process of a SLURM
@@ -189,8 +190,8 @@ def test_signal_to_one_rank_stops_both_at_the_same_step_and_both_resume(tmp_path
         os.killpg(world.procs[1].pid, signal.SIGUSR1)
     finally:
         results = world.results(timeout=240)
-    assert [rc for rc, _ in results] == [0, 0]
-    summaries = [json.loads(out) for _, out in results]
+    assert [(rc, marker_seen) for rc, _, marker_seen in results] == [(0, True), (0, True)]
+    summaries = [json.loads(out) for _, out, _ in results]
     stop = summaries[0]["global_step"]
     assert summaries[1]["global_step"] == stop < 12
     assert summaries[0]["stopped"] == "preempted by peer" and summaries[1]["stopped"] == "preempted by SIGUSR1"
