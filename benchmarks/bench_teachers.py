@@ -172,9 +172,12 @@ def main(argv: list[str] | None = None) -> dict:
         notes.append("CPU SMOKE RUN: no CUDA; small stand-ins of senet154/resnet152s (same timm blocks, one block "
                      f"per stage), {size} px, FP32 everywhere (the 'fp16' variants run FP32: the engine's CPU dtype), "
                      "no CUDA graphs, no compile. The times say nothing about a GPU.")
+        # One intra-op thread: on a shared CPU, two OpenMP threads waiting for each other made these small
+        # convolutions up to 50x slower, and erratically so.
+        torch.set_num_threads(1)
         if hasattr(os, "getloadavg"):
-            notes.append(f"CPU load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (a shared "
-                         "machine: other jobs' load slows these rows unevenly)")
+            notes.append(f"one intra-op thread; CPU load average at start {os.getloadavg()[0]:.1f} on "
+                         f"{os.cpu_count()} cores (a shared machine: other jobs' load slows these rows unevenly)")
     if on_cuda and not any(VARIANTS[v].compile for v in variants):
         notes.append("torch.compile variants skipped (" + ("--quick" if args.quick else "--compile off") + ")")
     names = list(specs)
