@@ -134,13 +134,14 @@ def disk_run(tmp_path_factory):
 def test_sigterm_to_fastmeal_train_checkpoints_exits_0_and_resume_auto_continues(tmp_path, disk_run):
     data, teachers = disk_run
     run_dir = tmp_path / "run"
-    # With a DataLoader worker process, signalled as torchrun forwards a signal: to the rank's process.
+    # With a DataLoader worker process, signalled as torchrun forwards a signal: to the rank's whole
+    # process group (os.killpg), so the worker gets it too and must survive it.
     args = cli_train_args(data, teachers, run_dir, "schedule.epochs=2", "data.workers=1")
     proc = subprocess.Popen([sys.executable, "-m", "fastmeal", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         seen = _wait_for(lambda: _last_train_step(run_dir / "metrics.jsonl"), 180, "the first logged step", proc)
-        os.kill(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)
         signalled = time.monotonic()
         output, _ = proc.communicate(timeout=120)
     finally:
