@@ -186,7 +186,8 @@ def test_train_crop_and_flip_statistics(ramp_root, backend):
 def test_gpu_val_matches_cpu_twin(photo_root):
     """nvJPEG (libjpeg's upsampling asked for) + GPU resize vs the CPU graph; fp16 output."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    cfg = _cfg(photo_root, "dali", **{"data.eval_batch_size": 16, "precision.mode": "amp"})
+    cfg = _cfg(photo_root, "dali", **{"data.eval_batch_size": 16, "precision.mode": "amp",
+                                      "teacher_engine.dtype": "fp16"})
     gpu_images, gpu_labels = _epoch(build_loader(cfg, "val", device=cuda))
     cpu_images, cpu_labels = _epoch(build_loader(cfg, "val", device=cpu))
     assert gpu_images.dtype == torch.float16 and gpu_images.is_contiguous(memory_format=torch.channels_last)
@@ -195,11 +196,15 @@ def test_gpu_val_matches_cpu_twin(photo_root):
     print(f"val |mixed - cpu|: mean {diff.mean():.5f}, max {diff.max():.5f}")
     # The GPU IDCT and the GPU resampler round differently; fp16 adds 0.002 at |x| ~ 2.6.
     assert diff.mean() < 0.5 * LEVEL and diff.max() < 4 * LEVEL
+    bf16, _ = next(iter(build_loader(cfg.replace({"teacher_engine.dtype": "bf16"}), "val", device=cuda)))
+    assert bf16.dtype == torch.bfloat16 and bf16.is_contiguous(memory_format=torch.channels_last)
+    assert (bf16.float().cpu() - cpu_images[:16]).abs().max() < 0.02 + 4 * LEVEL  # bf16: 8 bits of mantissa
 
 
 @pytest.mark.gpu
 def test_gpu_train_statistics_match_the_spec(ramp_root):
-    loader = build_loader(_cfg(ramp_root, "dali", **{"precision.mode": "amp"}), "train", device=torch.device("cuda"))
+    cfg = _cfg(ramp_root, "dali", **{"precision.mode": "amp", "teacher_engine.dtype": "fp16"})
+    loader = build_loader(cfg, "train", device=torch.device("cuda"))
     batches = [_epoch(loader) for _ in range(12)]
     images = torch.cat([x for x, _ in batches])
     assert images.dtype == torch.float16 and images.is_contiguous(memory_format=torch.channels_last)

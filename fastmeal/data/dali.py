@@ -13,7 +13,9 @@ On CUDA the decoder is ``mixed`` (nvJPEG, with ``data.dali_hw_decoder_load`` of 
 A100/H100 hardware decoder) and every later op runs on the GPU; without CUDA the **same graph** is built
 with ``device_id=None`` and CPU operators, so CPU CI exercises the real DALI graph. The output is HWC
 (fp16 or fp32, see :func:`fastmeal.data.common.images_dtype`), which *is* a channels-last NCHW batch:
-the loader hands out ``permute(0, 3, 1, 2)`` of it, a view, not a copy. Decoding follows PIL (the
+the loader hands out ``permute(0, 3, 1, 2)`` of it, a view, not a layout copy. (The batch is copied once,
+device to device, out of DALI's output buffer, which DALI recycles after ``prefetch`` more runs while the
+trainer may still be reading it.) Decoding follows PIL (the
 reference): EXIF orientation is ignored (``adjust_orientation=False``), grayscale and CMYK JPEGs and
 PNGs come out as RGB.
 
@@ -257,7 +259,7 @@ class DaliLoader:
         dali_dtype = types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT
         seed = int(np.random.SeedSequence([self.cfg.runtime.seed, self.rank]).generate_state(1)[0] & 0x7FFFFFFF)
         pipe = Pipeline(batch_size=self.batch_size, num_threads=max(1, data.workers),
-                        device_id=(self.device.index or 0) if on_gpu else None, seed=seed,
+                        device_id=_cuda_index(self.device) if on_gpu else None, seed=seed,
                         prefetch_queue_depth=data.prefetch)
         # The callback holds the loader weakly: no pipeline <-> loader cycle, so dropping the loader frees
         # the pipeline and its threads at once.
@@ -338,6 +340,10 @@ class DaliLoader:
         feed_ndarray(images, out, cuda_stream=stream)
         # HWC per sample is NHWC for the batch: its NCHW view is channels-last, no copy.
         return out.permute(0, 3, 1, 2).to(self.dtype)  # .to: bf16 only, a no-op otherwise
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _failure_line(message: str) -> str:

@@ -1,0 +1,156 @@
+"""Images/sec of the input pipeline: the DALI backend vs the torchvision (reference) backend.
+
+Both backends are built by ``fastmeal.data.build_loader`` from the same config, on the same JPEG files,
+with the same number of CPU threads (``--workers``: DataLoader worker processes for torchvision, DALI
+CPU threads for DALI), the same per-device batch and crop size, and deliver the same thing: a
+normalised channels-last batch and its labels on the device (fp32 on the CPU; on CUDA the teachers'
+dtype, fp16, with DALI's ``mixed`` GPU decoding). Train (RandomResizedCrop + flip) and val (resize +
+centre crop) pipelines are measured separately.
+
+For each split: every file is read once first (no cold-disk reads in the timed region), each backend
+runs ``--warmup`` batches, then the backends take turns for ``--repeats`` timed runs of ``--batches``
+consecutive batches each (turns, so that a load change on a shared machine hits both; epochs chain:
+the torchvision DataLoader restarts its workers' prefetch at each epoch, DALI prefetches across the
+boundary, as each would on ImageNet). A backend idles during the other's turn, so it starts each run
+with its prefetch queue full (torchvision: ``workers x prefetch`` batches, DALI: ``prefetch``); runs of
+many batches make that head start small. ``images_per_s`` is the median over repeats of images /
+wall time (synchronised on CUDA). The DALI/torchvision ratio per split is stored with the rows.
+
+Usage::
+
+    python benchmarks/bench_loader.py --data DIR [--backend both|dali|torchvision] [--workers N]
+        [--json benchmarks/results/loader_<device>.json]
+
+Make ImageNet-like data with ``fastmeal data synth DIR --size-range 375 500``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+from fastmeal.config import r50_224  # noqa: E402
+from fastmeal.data import build_loader, dali_available  # noqa: E402
+from fastmeal.data.common import scan_split  # noqa: E402
+from fastmeal.distributed import resolve_device  # noqa: E402
+
+
+def _forever(loader):
+    """Batches without end, chaining epochs as a training loop does."""
+    while True:
+        yield from loader
+
+
+def _timed(stream, batches: int, device: torch.device) -> float:
+    """Images/sec over ``batches`` consecutive batches of ``stream`` (synchronised on CUDA)."""
+    harness.sync(device)
+    start, images = time.perf_counter(), 0
+    for _ in range(batches):
+        x, _ = next(stream)
+        images += x.shape[0]
+    harness.sync(device)
+    return images / (time.perf_counter() - start)
+
+
+def _warm_page_cache(root: str) -> tuple[int, int]:
+    """Read every file once; returns (files, bytes)."""
+    files = total = 0
+    for split in ("train", "val"):
+        for path in scan_split(root, split).paths:
+            total += len(Path(path).read_bytes())
+            files += 1
+    return files, total
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", required=True, help="ImageFolder root with train/ and val/")
+    parser.add_argument("--backend", default="both", choices=("both", "dali", "torchvision"))
+    parser.add_argument("--splits", default="train,val", help="comma-separated: train, val")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="CPU threads/workers (default: all)")
+    parser.add_argument("--batch", type=int, default=0, help="per-device batch (default: 64 CPU, 256 CUDA)")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--prefetch", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=0, help="warm-up batches (default: an epoch, at least 4)")
+    parser.add_argument("--batches", type=int, default=0, help="batches per repeat (default: an epoch, at least 12)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="write the result here")
+    args = parser.parse_args(argv)
+
+    device = resolve_device(args.device)
+    batch = args.batch or (256 if device.type == "cuda" else 64)
+    backends = ["torchvision", "dali"] if args.backend == "both" else [args.backend]
+    notes = []
+    if "dali" in backends and not dali_available():
+        backends.remove("dali")
+        notes.append("DALI is not installed here: only the torchvision backend was measured")
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    num_files, num_bytes = _warm_page_cache(args.data)
+    sizes = {split: len(scan_split(args.data, split)) for split in splits}
+    # r50_224's settings (AMP: fp16 batches on CUDA, fp32 on the CPU), with the benchmark's data and threads.
+    cfg = r50_224().replace({"data.root": args.data, "data.batch_size": batch, "data.eval_batch_size": batch,
+                             "data.workers": args.workers, "data.prefetch": args.prefetch,
+                             "data.image_size": args.image_size, "runtime.device": device.type})
+    mean_kib = num_bytes / num_files / 1024
+    print(f"{num_files} files ({mean_kib:.0f} KiB on average), device {harness.device_name(device)}, "
+          f"{args.workers} workers/threads, batch {batch}, {args.image_size} px")
+    rows = []
+    for split in splits:
+        # The backends take turns, repeat by repeat, so that a load change on a shared machine hits both.
+        # torchvision is built and started first: forking its workers while a DALI pipeline lives is refused.
+        streams, meta = {}, {}
+        for backend in backends:
+            loader = build_loader(cfg.replace({"data.backend": backend}), split, device=device)
+            per_epoch = len(loader)
+            # At least 12 batches per repeat: a small dataset at batch 256 has only a few per epoch.
+            warmup = args.warmup or max(per_epoch, 4)
+            count = args.batches or max(per_epoch, 12)
+            streams[backend] = _forever(loader)
+            x, _ = next(streams[backend])
+            for _ in range(warmup):
+                next(streams[backend])
+            meta[backend] = {"batches_per_repeat": count, "warmup_batches": warmup, "batches_per_epoch": per_epoch,
+                             "dtype": str(x.dtype).replace("torch.", ""),
+                             "channels_last": x.is_contiguous(memory_format=torch.channels_last)}
+            del loader, x
+        rates = {backend: [] for backend in backends}
+        for _ in range(args.repeats):
+            for backend in backends:
+                rates[backend].append(_timed(streams[backend], meta[backend]["batches_per_repeat"], device))
+        for backend in backends:
+            r = rates[backend]
+            rows.append({"backend": backend, "split": split, "images_per_s": statistics.median(r),
+                         "min_images_per_s": min(r), "max_images_per_s": max(r), "repeats": len(r), **meta[backend]})
+            print(f"{backend:12s} {split:5s} {statistics.median(r):9.1f} img/s  (min {min(r):.1f}, max {max(r):.1f}, "
+                  f"{len(r)} x {meta[backend]['batches_per_repeat']} batches)", flush=True)
+        streams.clear()  # ends the generators, so the loaders and their workers / pipelines go
+        gc.collect()
+    for split in splits:
+        by_backend = {r["backend"]: r["images_per_s"] for r in rows if r["split"] == split}
+        if len(by_backend) == 2:
+            ratio = by_backend["dali"] / by_backend["torchvision"]
+            for r in rows:
+                if r["split"] == split:
+                    r["dali_over_torchvision"] = ratio
+            print(f"{split}: DALI / torchvision = {ratio:.2f}x")
+    settings = {"data": os.path.abspath(args.data), "num_files": num_files, "mean_file_kib": mean_kib,
+                "split_sizes": sizes, "device": str(device), "workers": args.workers, "batch": batch,
+                "image_size": args.image_size, "eval_resize": cfg.data.resolved_eval_resize,
+                "prefetch": args.prefetch, "precision": cfg.precision.mode, "torch_threads": torch.get_num_threads()}
+    harness.write_result(args.json, benchmark="loader", settings=settings, rows=rows, notes=notes, device=device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
