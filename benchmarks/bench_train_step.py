@@ -625,6 +625,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               + ", ".join(f"{k} {v / 1e9:.3g}" for k, v in flops.items() if k != "total")
               + f"); matmul peak {peak['peak_tflops']:.3g} TFLOP/s (bf16 {peak['bf16_tflops']:.3g}, "
               f"fp32 {peak['fp32_tflops']:.3g})", flush=True)
+        if not on_cuda and cfg.precision.mode != "fp32" and peak["bf16_tflops"] < peak["fp32_tflops"]:
+            notes.append(f"bf16 matmuls run at {peak['bf16_tflops'] / peak['fp32_tflops']:.2g}x the fp32 rate on this "
+                         f"CPU, and precision.mode={cfg.precision.mode} means a bf16-autocast student on a CPU: "
+                         "fastmeal mode is slower than the FP32 reference here, mainly for that reason.")
 
         # One set of random weights for both modes (SPEC: same function); each run trains fresh copies.
         torch.manual_seed(cfg.runtime.seed)
