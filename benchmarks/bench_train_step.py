@@ -606,7 +606,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         notes: list[str] = []
         if not on_cuda:
             notes.append("CPU SMOKE RUN: no CUDA, so no DataParallel, CUDA graphs, fp16 teachers or fused kernels, "
-                         "on a shared CPU: these numbers say nothing about speed on a GPU.")
+                         f"on a shared CPU (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at the "
+                         "start): these numbers say nothing about speed on a GPU.")
         if data_note:
             notes.append(data_note)
         notes.append("images_per_s: images / wall time of the timed steps after warm-up; ms_* phases come from a "
