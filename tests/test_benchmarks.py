@@ -1,0 +1,146 @@
+"""The benchmarks run and write honest documents: never a speed assertion (STYLE: a benchmark is a script).
+
+``bench_train_step.py --quick`` runs as a subprocess (the CI smoke run of the whole step, both modes);
+its pieces (FLOP counting, phase timing, the JPEG set) are checked against known properties; the
+README's results table must be the one ``summarize.py`` generates from the committed JSON files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmeal.config import build_config
+from fastmeal.data.common import scan_split
+from fastmeal.models.discriminator import Discriminator
+from fastmeal.models.factory import build_teachers, create_model
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import bench_train_step  # noqa: E402
+import summarize  # noqa: E402
+
+PHASES = ("data", "teachers", "student_fwd", "loss", "backward", "optimizer")
+
+
+def test_quick_run_writes_both_modes_and_the_ratio(tmp_path):
+    out = tmp_path / "train_step.json"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_train_step.py"), "--quick", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+
+    assert doc["benchmark"] == "train_step"
+    for key in ("commit", "device", "versions", "settings", "rows", "notes"):
+        assert key in doc, key
+    settings = doc["settings"]
+    assert settings["quick"] is True
+    assert settings["modes"] == ["reference", "fastmeal"]
+    flops = settings["flops_per_image"]
+    parts = sum(v for k, v in flops.items() if k.startswith("teacher:")) + flops["student_fwd_bwd"]
+    assert flops["total"] == pytest.approx(parts)
+    # Backward costs about twice the forward (the first layer's input gradient is not computed).
+    assert 2.0 < flops["student_fwd_bwd"] / flops["student_fwd"] <= 3.0
+    assert settings["matmul_peak"]["peak_tflops"] > 0
+
+    rows = doc["rows"]
+    assert {(r["mode"], r["batch"]) for r in rows} == {(m, b) for m in ("reference", "fastmeal")
+                                                       for b in settings["batches"]}
+    for row in rows:
+        for key in ("images_per_s", "step_images_per_s", "mfu_pct", *(f"ms_{p}" for p in PHASES)):
+            assert math.isfinite(row[key]) and row[key] > 0, (row["mode"], key, row[key])
+        assert 0 <= row["data_wait_pct"] < 100
+        assert row["images_per_s_min"] <= row["images_per_s_median"] <= row["images_per_s_max"]
+        # The MFU is the row's own rate times the counted FLOPs over the measured peak (4 significant digits).
+        mfu = 100 * flops["total"] * row["images_per_s"] / (settings["matmul_peak"]["peak_tflops"] * 1e12)
+        assert row["mfu_pct"] == pytest.approx(mfu, rel=2e-3)
+    by_mode = {r["mode"]: r for r in rows}
+    ref, fm = by_mode["reference"], by_mode["fastmeal"]
+    assert ref["loader"] == "torchvision-reference"
+    assert fm["loader"] in ("dali", "torchvision")
+    assert ref["speedup_vs_ref"] == 1.0
+    assert fm["speedup_vs_ref"] == pytest.approx(fm["images_per_s"] / ref["images_per_s"], rel=2e-3)
+    assert fm["step_speedup_vs_ref"] == pytest.approx(fm["step_images_per_s"] / ref["step_images_per_s"], rel=2e-3)
+    if fm["loader"] != "dali":
+        assert any("not DALI" in note for note in doc["notes"])
+    if not torch.cuda.is_available():
+        assert any(note.startswith("CPU SMOKE RUN") for note in doc["notes"])
+        assert all(r["peak_mib"] is None for r in rows)
+    # The teacher engine's report is recorded with the numbers (BN folding, graphs).
+    assert settings["teacher_engine"]["num_teachers"] == len(settings["teachers"])
+    assert f"batch {settings['batches'][0]}: fastmeal" in proc.stdout
+
+    # The short table the device suite prints last reads the same file.
+    summary = subprocess.run([sys.executable, str(BENCHMARKS / "bench_train_step.py"), "--summary", str(out)],
+                             capture_output=True, text=True, timeout=120)
+    assert summary.returncode == 0, summary.stderr[-2000:]
+    assert "speedup_vs_ref" in summary.stdout and "fastmeal" in summary.stdout
+
+
+def test_flop_count_matches_the_spec_at_224():
+    # SPEC, "Compute per training image": ResNet-152s forward 25.8 GFLOP, ResNet-50 forward+backward 24.7.
+    cfg = build_config("r50_224", overrides={"model.teachers": [{"tag": "resnet152s"}], "model.pretrained": False})
+    flops = bench_train_step.count_flops(cfg)
+    assert flops["teacher:resnet152s"] / 1e9 == pytest.approx(25.8, rel=0.02)
+    assert flops["student_fwd_bwd"] / 1e9 == pytest.approx(24.7, rel=0.03)
+    assert flops["total"] == pytest.approx(flops["teacher:resnet152s"] + flops["student_fwd_bwd"])
+
+
+def test_timed_phases_times_the_products_step_and_restores_phase():
+    import fastmeal.profiling
+    import fastmeal.trainer
+    from fastmeal.trainer import DistillationModel
+
+    torch.manual_seed(0)
+    model = DistillationModel(torch.nn.Linear(12, 5), Discriminator(5))
+    images, teacher_logits = torch.randn(3, 12), torch.randn(2, 3, 5)
+    with bench_train_step.timed_phases(torch.device("cpu")) as seconds:
+        with fastmeal.trainer.phase("teachers"):
+            time.sleep(0.02)
+        out = model(images, teacher_logits)
+        with bench_train_step.phase("data"):
+            pass
+    assert seconds["teachers"] >= 0.02
+    assert {"student_fwd", "loss", "data"} <= seconds.keys()
+    assert torch.isfinite(out["loss"])
+    assert fastmeal.trainer.phase is fastmeal.profiling.phase
+    assert bench_train_step.phase is fastmeal.profiling.phase
+
+
+def test_prepare_jpegs_links_copies(tmp_path):
+    count = bench_train_step.prepare_jpegs(tmp_path, num_classes=2, files_per_class=1, copies=3, size_range=(16, 24),
+                                           workers=1)
+    split = scan_split(tmp_path, "train")
+    assert count == len(split) == 6
+    for class_dir in (tmp_path / "train").iterdir():
+        files = sorted(class_dir.iterdir())
+        assert len(files) == 3
+        assert all(f.read_bytes() == files[0].read_bytes() for f in files)
+
+
+def test_build_teachers_checks_the_count_of_given_models():
+    cfg = build_config("demo")  # two teachers
+    with pytest.raises(ValueError, match="1 teacher models for 2 model.teachers"):
+        build_teachers(cfg, torch.device("cpu"), models=[create_model("test_resnet", num_classes=10)])
+
+
+def test_readme_table_is_generated_from_the_committed_results():
+    results = BENCHMARKS / "results"
+    readme = (BENCHMARKS / "README.md").read_text()
+    assert summarize.BEGIN in readme and summarize.END in readme
+    generated = readme.split(summarize.BEGIN, 1)[1].split(summarize.END, 1)[0].strip()
+    expected = summarize.render(summarize.load_results(results), results).strip()
+    assert generated == expected, "run: python benchmarks/summarize.py benchmarks/results --readme benchmarks/README.md"
+
+
+def test_device_suite_is_valid_bash():
+    proc = subprocess.run(["bash", "-n", str(BENCHMARKS / "device_suite.sh")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
