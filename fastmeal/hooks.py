@@ -29,12 +29,13 @@ PREEMPTED_MARKER = "preempted.json"
 class PreemptionHook(TrainerHook):
     """Stops the run after the step during which SIGTERM or SIGUSR1 arrived, with a checkpoint.
 
-    The signal handlers are installed when training starts, so DataLoader workers forked afterwards
-    inherit the recording handler and survive a signal sent to every process of a job (SLURM signals
-    all processes of a step); a signal during set-up keeps its default action. After every step the
-    ranks agree (:meth:`PreemptionHandler.should_stop`, one CPU all-reduce), so a signal that reached
-    one rank stops all of them at the same step; :meth:`Trainer.request_stop` then writes the
-    checkpoint (mid-epoch: it records the step within the epoch) and :meth:`Trainer.fit` returns.
+    The signal handlers are installed when training starts (a signal during set-up keeps its default
+    action). DataLoader workers, which torchrun (it signals each rank's process group) and SLURM (every
+    process of a step) reach too, ignore the signals
+    (:func:`~fastmeal.distributed.ignore_preemption_signals`). After every step the ranks agree
+    (:meth:`PreemptionHandler.should_stop`, one CPU all-reduce), so a signal that reached one rank
+    stops all of them at the same step; :meth:`Trainer.request_stop` then writes the checkpoint
+    (mid-epoch: it records the step within the epoch) and :meth:`Trainer.fit` returns.
 
     When the stop came from a signal, rank 0 writes ``run_dir/preempted.json`` (the signal, the
     position and the checkpoint), which a job script reads to requeue itself; a starting run removes
