@@ -102,24 +102,26 @@ class Size:
     step_warmup: int  # device-resident batch (no loader): warm-up, then timed steps
     step_steps: int
     phase_steps: int  # instrumented steps (synchronised phases)
-    # The generated JPEG set: `files_per_class` distinct JPEGs per class, each hard-linked `copies` times.
+    # The generated JPEG set: `files_per_class` distinct train JPEGs per class, each hard-linked `copies`
+    # times, and `val_per_class` val JPEGs per class (for bench_loader, which reads the same set).
     num_classes: int
     files_per_class: int
     copies: int
+    val_per_class: int
     size_range: tuple[int, int]
 
 
 # The CI smoke run: tiny timm models at 64 px on a shared 2-core CPU, well under a minute (half of it imports).
 QUICK = Size(student="test_resnet", teachers=("resnet10t", "test_resnet"), image_size=64, batches=(8,), warmup=1,
              steps=2, repeats=2, step_warmup=0, step_steps=2, phase_steps=1, num_classes=10, files_per_class=4,
-             copies=1, size_range=(64, 96))
+             copies=1, val_per_class=2, size_range=(64, 96))
 # The paper's r50_224 models (SPEC table) with random weights; 1000 classes like ImageNet. Step counts
 # keep the three batches x two modes near a minute and a half on one H100 (the suite's budget, GPU.md).
 # Synthesising an ImageNet-sized JPEG costs ~0.2 CPU-s, so 1000 distinct files are made and each is
 # hard-linked 10 times: 10,000 paths, so that an epoch boundary falls at most twice in a run.
 FULL = Size(student="resnet50", teachers=("senet154", "resnet152s"), image_size=224, batches=(64, 128, 256),
             warmup=10, steps=24, repeats=3, step_warmup=3, step_steps=10, phase_steps=5, num_classes=1000,
-            files_per_class=1, copies=10, size_range=(375, 500))
+            files_per_class=1, copies=10, val_per_class=1, size_range=(375, 500))
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,20 +130,21 @@ FULL = Size(student="resnet50", teachers=("senet154", "resnet152s"), image_size=
 
 
 def prepare_jpegs(root: str | os.PathLike, *, num_classes: int, files_per_class: int, copies: int,
-                  size_range: tuple[int, int], workers: int, seed: int = 0) -> int:
-    """Write a synthetic ImageFolder train split under ``root`` and hard-link each file ``copies`` times.
+                  size_range: tuple[int, int], workers: int, val_per_class: int = 0, seed: int = 0) -> int:
+    """Write a synthetic ImageFolder dataset under ``root`` and hard-link each train file ``copies`` times.
 
     The benchmark needs many paths but not many distinct images (decoding cost depends on the size
     and quality, not on the content), and synthesising an ImageNet-sized JPEG costs ~0.2 CPU-s.
     Links that the file system refuses become copies.
 
     Args:
-        root: the dataset root; ``root/train/<class>/*.JPEG`` is written (no val split).
+        root: the dataset root; ``root/train/<class>/*.JPEG`` (and ``root/val/...``) are written.
         num_classes: class folders.
-        files_per_class: distinct JPEGs per class (:func:`fastmeal.data.synthetic.synthesize`).
-        copies: paths per distinct file (1: no links).
+        files_per_class: distinct train JPEGs per class (:func:`fastmeal.data.synthetic.synthesize`).
+        copies: paths per distinct train file (1: no links).
         size_range: short side range in pixels (``(375, 500)`` resembles ImageNet).
         workers: processes for the synthesis.
+        val_per_class: val JPEGs per class (not linked).
         seed: the synthesis seed.
 
     Returns:
@@ -151,7 +154,7 @@ def prepare_jpegs(root: str | os.PathLike, *, num_classes: int, files_per_class:
 
     if copies < 1:
         raise ValueError(f"copies={copies} must be >= 1")
-    synthesize(root, num_classes=num_classes, train_per_class=files_per_class, val_per_class=0, seed=seed,
+    synthesize(root, num_classes=num_classes, train_per_class=files_per_class, val_per_class=val_per_class, seed=seed,
                size_range=size_range, progress=False, num_workers=workers)
     count = 0
     for class_dir in sorted(p for p in (Path(root) / "train").iterdir() if p.is_dir()):
@@ -181,8 +184,9 @@ def _ensure_data(data: str | None, size: Size, workers: int, stack: contextlib.E
         return root, None
     start = time.perf_counter()
     count = prepare_jpegs(root, num_classes=size.num_classes, files_per_class=size.files_per_class,
-                          copies=size.copies, size_range=size.size_range, workers=workers)
-    note = (f"JPEG set: {count} paths, {size.num_classes} classes x {size.files_per_class} synthetic JPEG(s) "
+                          copies=size.copies, size_range=size.size_range, workers=workers,
+                          val_per_class=size.val_per_class)
+    note = (f"JPEG set: {count} train paths, {size.num_classes} classes x {size.files_per_class} synthetic JPEG(s) "
             f"(short side {size.size_range[0]}-{size.size_range[1]} px, quality 90)"
             + (f", each hard-linked {size.copies} times (decoding cost depends on size and quality, not content)"
                if size.copies > 1 else ""))
