@@ -157,6 +157,9 @@ def epoch_counts(samples_per_rank: int, batch_size: int, drop_last: bool) -> tup
     """``(batches, samples)`` this rank yields per epoch: the last batch is partial unless dropped."""
     if drop_last:
         num_batches = samples_per_rank // batch_size
+        if num_batches == 0:
+            raise DataError(f"{samples_per_rank} images per rank make no full batch of {batch_size} with "
+                            "data.last_batch=drop; lower data.batch_size or use data.last_batch=keep")
         return num_batches, num_batches * batch_size
     return math.ceil(samples_per_rank / batch_size), samples_per_rank
 

@@ -78,9 +78,10 @@ log = logging.getLogger(__name__)
 _DEVICE_MEMORY_PADDING = 211_025_920
 _HOST_MEMORY_PADDING = 140_544_512
 _PATHS = "paths"
-# Loaders holding a DALI pipeline (and its native threads). Forking while DALI threads run can
-# deadlock the child, so the torchvision backend checks this before starting DataLoader workers.
-LIVE_LOADERS: weakref.WeakSet = weakref.WeakSet()
+# Every DALI pipeline this process built that still exists (its native threads with it). A child
+# forked while they run can deadlock, so the torchvision backend checks this before forking workers.
+# Pipelines, not loaders: a traceback that holds a failed pipeline keeps its threads alive too.
+LIVE_PIPELINES: weakref.WeakSet = weakref.WeakSet()
 
 
 def define_graph(paths: Any, *, train: bool, image_size: int, eval_resize: int, decoder_device: str,
@@ -176,9 +177,6 @@ class DaliLoader:
         self.sampler = build_sampler(split_name, len(split), rank=rank, world_size=world_size, seed=cfg.runtime.seed)
         self._drop_last = self.train and cfg.data.last_batch == "drop"
         self.num_batches, self.num_samples = epoch_counts(len(self.sampler), batch_size, self._drop_last)
-        if self.num_batches == 0:
-            raise DataError(f"{split.root}: {len(self.sampler)} images per rank make no full batch of {batch_size} "
-                            "with data.last_batch=drop; lower data.batch_size or use data.last_batch=keep")
         self._substitute: dict[int, int] = {}  # corrupt sample index -> the index read in its place
         self._bad: set[str] = set()
         self._skipped: set[str] = set()
@@ -272,12 +270,11 @@ class DaliLoader:
             pipe.set_outputs(images)
         pipe.build()
         self._pipe = pipe
-        LIVE_LOADERS.add(self)
+        LIVE_PIPELINES.add(pipe)
 
     def _drop_pipeline(self) -> None:
         """Forget the pipeline; what it had been fed but not delivered goes back to the front of the plan."""
         self._pipe = None
-        LIVE_LOADERS.discard(self)
         self._queue.extendleft(reversed(self._inflight))
         self._inflight.clear()
 
@@ -296,6 +293,9 @@ class DaliLoader:
         message = str(err)
         culprit = self._culprit(message)
         self._drop_pipeline()  # DALI invalidates a pipeline after an error
+        # DALI's traceback holds the dead pipeline (and its threads) for as long as the error lives; the
+        # message is all that is needed from it.
+        err = err.with_traceback(None)
         if culprit is None:
             raise DataError(f"the DALI pipeline failed on no identifiable file: {message}") from err
         path = self.paths[culprit]

@@ -11,7 +11,8 @@ is the reference mode of the benchmarks and the fallback when DALI is not instal
 Departures, none of which changes what a batch contains: the dataset is ImageFolder's file list from
 :func:`fastmeal.data.common.scan_split` (identical order and labels) read with the same PIL loader but
 with errors that name the file; the training sampler is always a ``DistributedSampler`` (a world of one
-included) so that ``set_epoch`` makes the order a function of (seed, epoch); workers are persistent.
+included) so that the order is a function of (seed, epoch), and a pass without ``set_epoch`` is the next
+epoch; val shards are exact (no padding); workers are persistent.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from fastmeal.data.common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     CorruptImageError,
-    DataError,
     Split,
     build_sampler,
     epoch_counts,
@@ -116,15 +116,17 @@ class TorchvisionLoader:
         workers = cfg.data.workers
         # Worker seeds come from this generator: runtime.seed + rank gives each rank its own augmentations.
         generator = torch.Generator().manual_seed(cfg.runtime.seed + rank)
-        # DataLoader workers are forked (as in the reference). Forking while a DALI pipeline's threads run
-        # deadlocks the workers (seen with DALI 2.4 on the CPU), so refuse rather than hang.
+        # DataLoader workers are forked, as in the reference. A child forked while a DALI pipeline's threads
+        # run deadlocks (seen with DALI 2.4 on the CPU), so then the workers come from a fresh forkserver.
         dali = sys.modules.get("fastmeal.data.dali")
-        if workers and dali is not None and len(dali.LIVE_LOADERS):
-            raise DataError("a DALI loader is alive in this process and forking DataLoader workers now can "
-                            "deadlock them: drop the DALI loader first, or use data.workers=0")
+        context = None
+        if workers and dali is not None and len(dali.LIVE_PIPELINES):
+            log.warning("a DALI pipeline lives in this process: DataLoader workers start from a forkserver "
+                        "(forking now could deadlock them)")
+            context = "forkserver"
         self._loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
                                   collate_fn=_collate, pin_memory=device.type == "cuda", drop_last=drop_last,
-                                  persistent_workers=workers > 0, generator=generator,
+                                  persistent_workers=workers > 0, generator=generator, multiprocessing_context=context,
                                   # the rank handles SIGTERM/SIGUSR1 (preemption); its workers must not die of it
                                   worker_init_fn=ignore_preemption_signals,
                                   prefetch_factor=cfg.data.prefetch if workers else None)
