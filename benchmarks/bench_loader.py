@@ -14,7 +14,10 @@ the torchvision DataLoader restarts its workers' prefetch at each epoch, DALI pr
 boundary, as each would on ImageNet). A backend idles during the other's turn, so it starts each run
 with its prefetch queue full (torchvision: ``workers x prefetch`` batches, DALI: ``prefetch``); runs of
 many batches make that head start small. ``images_per_s`` is the median over repeats of images /
-wall time (synchronised on CUDA). The DALI/torchvision ratio per split is stored with the rows.
+wall time (synchronised on CUDA); ``images_per_cpu_s`` divides by the CPU time the loader's process,
+its threads and its worker processes used instead (on a shared machine the wall time depends on the
+other users' load, the CPU time much less). The DALI/torchvision ratios per split are stored with the
+rows.
 
 Usage::
 
@@ -51,15 +54,35 @@ def _forever(loader):
         yield from loader
 
 
-def _timed(stream, batches: int, device: torch.device) -> float:
-    """Images/sec over ``batches`` consecutive batches of ``stream`` (synchronised on CUDA)."""
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process, all its threads, and its live child processes.
+
+    The children are the DataLoader's workers; DALI works in threads of this process. Read from /proc
+    (Linux); elsewhere only this process is counted.
+    """
+    own = os.times()
+    total = own.user + own.system
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    me = str(os.getpid())
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if fields[1] == me:  # fields[1] is the parent pid; utime and stime are fields 14 and 15 of stat
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def _timed(stream, batches: int, device: torch.device) -> tuple[float, float]:
+    """``(images/s, images per CPU-second)`` over ``batches`` consecutive batches of ``stream``."""
     harness.sync(device)
-    start, images = time.perf_counter(), 0
+    start, cpu_start, images = time.perf_counter(), cpu_seconds(), 0
     for _ in range(batches):
         x, _ = next(stream)
         images += x.shape[0]
     harness.sync(device)
-    return images / (time.perf_counter() - start)
+    return images / (time.perf_counter() - start), images / (cpu_seconds() - cpu_start)
 
 
 def _warm_page_cache(root: str) -> tuple[int, int]:
@@ -97,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         notes.append("DALI is not installed here: only the torchvision backend was measured")
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     num_files, num_bytes = _warm_page_cache(args.data)
+    load_before = os.getloadavg()
     sizes = {split: len(scan_split(args.data, split)) for split in splits}
     # r50_224's settings (AMP: fp16 batches on CUDA, fp32 on the CPU), with the benchmark's data and threads.
     cfg = r50_224().replace({"data.root": args.data, "data.batch_size": batch, "data.eval_batch_size": batch,
@@ -125,29 +149,41 @@ def main(argv: list[str] | None = None) -> int:
                              "channels_last": x.is_contiguous(memory_format=torch.channels_last)}
             del loader, x
         rates = {backend: [] for backend in backends}
+        per_cpu = {backend: [] for backend in backends}
         for _ in range(args.repeats):
             for backend in backends:
-                rates[backend].append(_timed(streams[backend], meta[backend]["batches_per_repeat"], device))
+                rate, cpu_rate = _timed(streams[backend], meta[backend]["batches_per_repeat"], device)
+                rates[backend].append(rate)
+                per_cpu[backend].append(cpu_rate)
         for backend in backends:
-            r = rates[backend]
+            r, c = rates[backend], per_cpu[backend]
             rows.append({"backend": backend, "split": split, "images_per_s": statistics.median(r),
-                         "min_images_per_s": min(r), "max_images_per_s": max(r), "repeats": len(r), **meta[backend]})
+                         "min_images_per_s": min(r), "max_images_per_s": max(r),
+                         "images_per_cpu_s": statistics.median(c), "repeats": len(r),
+                         "all_images_per_s": r, "all_images_per_cpu_s": c, **meta[backend]})
             print(f"{backend:12s} {split:5s} {statistics.median(r):9.1f} img/s  (min {min(r):.1f}, max {max(r):.1f}, "
-                  f"{len(r)} x {meta[backend]['batches_per_repeat']} batches)", flush=True)
+                  f"{len(r)} x {meta[backend]['batches_per_repeat']} batches)  {statistics.median(c):8.1f} img/CPU-s",
+                  flush=True)
         streams.clear()  # ends the generators, so the loaders and their workers / pipelines go
         gc.collect()
     for split in splits:
-        by_backend = {r["backend"]: r["images_per_s"] for r in rows if r["split"] == split}
+        by_backend = {r["backend"]: r for r in rows if r["split"] == split}
         if len(by_backend) == 2:
-            ratio = by_backend["dali"] / by_backend["torchvision"]
-            for r in rows:
-                if r["split"] == split:
-                    r["dali_over_torchvision"] = ratio
-            print(f"{split}: DALI / torchvision = {ratio:.2f}x")
+            ratio = by_backend["dali"]["images_per_s"] / by_backend["torchvision"]["images_per_s"]
+            cpu_ratio = by_backend["dali"]["images_per_cpu_s"] / by_backend["torchvision"]["images_per_cpu_s"]
+            for r in by_backend.values():
+                r["dali_over_torchvision"] = ratio
+                r["dali_over_torchvision_per_cpu_s"] = cpu_ratio
+            print(f"{split}: DALI / torchvision = {ratio:.2f}x in images/s, {cpu_ratio:.2f}x in images per CPU-second")
     settings = {"data": os.path.abspath(args.data), "num_files": num_files, "mean_file_kib": mean_kib,
                 "split_sizes": sizes, "device": str(device), "workers": args.workers, "batch": batch,
                 "image_size": args.image_size, "eval_resize": cfg.data.resolved_eval_resize,
-                "prefetch": args.prefetch, "precision": cfg.precision.mode, "torch_threads": torch.get_num_threads()}
+                "prefetch": args.prefetch, "precision": cfg.precision.mode, "torch_threads": torch.get_num_threads(),
+                "load_average_1m_before_after": [load_before[0], os.getloadavg()[0]]}
+    if max(load_before[0], os.getloadavg()[0]) > 0.5 * (os.cpu_count() or 1):
+        notes.append(f"the machine was shared (1-minute load average {load_before[0]:.1f} before, "
+                     f"{os.getloadavg()[0]:.1f} after, on {os.cpu_count()} CPUs): images/s depends on the other "
+                     "users' load; images per CPU-second (the loader's own CPU time) does not")
     harness.write_result(args.json, benchmark="loader", settings=settings, rows=rows, notes=notes, device=device)
     return 0
 
