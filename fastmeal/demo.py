@@ -8,11 +8,15 @@ Stages, all through the one trainer (variants are configs):
 4. MEAL V2-distil the student from the two teachers, **starting from the baseline's weights** (the
    paper starts from pretrained students, SPEC). Teachers and student are loaded from the weights
    files stages 2–3 wrote (``model.teachers=tag@FILE``, ``model.student_weights=FILE``): the same
-   local-weights path a user takes with downloaded weights.
+   local-weights path a user takes with downloaded weights;
+5. the control: the baseline trained on with hard labels for as many epochs as the distillation,
+   with the same schedule. The baseline of a tiny CPU run is not converged, so part of "distilled
+   beats baseline" is the extra epochs; "distilled beats control" is what distillation adds.
 
 Everything is evaluated on the held-out val split with the SPEC protocol; a table is printed and
 written to ``OUT/summary.json`` (keys ``teachers`` — the ensemble's mean-softmax accuracy, with each
-member under ``members`` —, ``baseline``, ``distilled``, each with ``top1`` and ``top5``).
+member under ``members`` —, ``baseline``, ``distilled`` and ``control``, each with ``top1`` and
+``top5``).
 
 The distillation stage's settings are the ``demo`` preset (``fastmeal.config.demo``); the teachers'
 and the baseline's are derived from it here (:class:`DemoSettings`). Reported accuracies are the last
@@ -46,21 +50,23 @@ class DemoSettings:
         teacher_epochs, teacher_lr, teacher_lr_steps: each teacher's hard-label training.
         baseline_epochs, baseline_lr, baseline_lr_steps: the student's hard-label training.
         distill_epochs: the MEAL V2 stage (0 = the preset's ``schedule.epochs``).
+        control: also train the control (stage 5).
         overrides: dotted-key overrides applied to the preset before anything else (tests shrink
             the demo with them: image size, models, batch size).
     """
 
     num_classes: int = 10
-    train_per_class: int = 100
-    val_per_class: int = 50
+    train_per_class: int = 30
+    val_per_class: int = 100
     size_range: tuple[int, int] = (64, 112)
-    teacher_epochs: int = 8
+    teacher_epochs: int = 40
     teacher_lr: float = 0.1
-    teacher_lr_steps: str = "6:0.01"
-    baseline_epochs: int = 8
+    teacher_lr_steps: str = "30:0.01"
+    baseline_epochs: int = 40
     baseline_lr: float = 0.1
-    baseline_lr_steps: str = "6:0.01"
+    baseline_lr_steps: str = "30:0.01"
     distill_epochs: int = 0
+    control: bool = True
     overrides: tuple[tuple[str, str], ...] = ()
 
 
@@ -75,8 +81,15 @@ class _MeanSoftmax(nn.Module):
         return self._teachers(images).float().softmax(-1).mean(0).log()
 
 
-def _stage_config(base: Config, out: Path, name: str, overrides: dict[str, Any]) -> Config:
-    return base.replace({"runtime.run_dir": str(out / name), "runtime.resume": "", **overrides})
+# Offsets of each stage's runtime.seed (10 * seed + offset): teacher i uses i. The control shares the
+# distillation's seed, so that both see the same batches in the same order (a paired comparison).
+_SEED_OFFSETS = {"baseline": 7, "distilled": 8, "control": 8}
+
+
+def _stage_config(base: Config, out: Path, name: str, seed: int, overrides: dict[str, Any]) -> Config:
+    offset = _SEED_OFFSETS.get(name, int(name.removeprefix("teacher")) if name.startswith("teacher") else 9)
+    return base.replace({"runtime.run_dir": str(out / name), "runtime.resume": "",
+                         "runtime.seed": seed * 10 + offset, **overrides})
 
 
 def _run_stage(cfg: Config, label: str) -> dict[str, Any]:
@@ -122,23 +135,27 @@ def format_table(summary: dict[str, Any]) -> str:
     rows = [(f"teacher {i}", m) for i, m in enumerate(summary["teachers"]["members"])]
     rows += [("teachers (ensemble)", {**summary["teachers"], "model": "mean softmax"}),
              ("baseline (hard labels)", summary["baseline"]), ("distilled (MEAL V2)", summary["distilled"])]
-    lines = [f"{'':24}{'model':14}{'top-1':>8}{'top-5':>8}{'wall s':>9}{'img/s':>8}"]
+    if "control" in summary:
+        rows.append(("control (more hard labels)", summary["control"]))
+    lines = [f"{'':28}{'model':20}{'top-1':>8}{'top-5':>8}{'wall s':>9}{'img/s':>8}"]
     for role, r in rows:
         wall = f"{r['seconds']:9.1f}" if "seconds" in r else f"{'':9}"
         rate = f"{r['train_images_per_s']:8.0f}" if "train_images_per_s" in r else f"{'':8}"
-        lines.append(f"{role:24}{r['model']:14}{r['top1']:8.2f}{r['top5']:8.2f}{wall}{rate}")
+        lines.append(f"{role:28}{r['model']:20}{r['top1']:8.2f}{r['top5']:8.2f}{wall}{rate}")
     lines.append(f"distilled - baseline: {summary['margin_top1']:+.2f} top-1, {summary['margin_top5']:+.2f} top-5 "
-                 f"(points); total {summary['total_seconds']:.0f} s on {summary['device']}")
+                 "(points)" + (f"; distilled - control: {summary['margin_over_control_top1']:+.2f} top-1"
+                               if "control" in summary else ""))
+    lines.append(f"total {summary['total_seconds']:.0f} s on {summary['device']}")
     return "\n".join(lines)
 
 
 def run_demo(out: str | Path = "demo_out", *, seed: int = 0, settings: DemoSettings | None = None,
              progress: bool = True) -> dict[str, Any]:
-    """Run the four stages and write ``OUT/summary.json``; returns the summary (also printed as a table).
+    """Run the stages and write ``OUT/summary.json``; returns the summary (also printed as a table).
 
     Args:
         out: output folder: ``data/``, one run dir per stage, ``summary.json``.
-        seed: the dataset's seed and every stage's ``runtime.seed``.
+        seed: the dataset's seed; each stage trains with ``runtime.seed = 10 * seed + offset``.
         settings: sizes and hard-label schedules (default: :class:`DemoSettings`).
         progress: progress bars.
     """
@@ -148,7 +165,7 @@ def run_demo(out: str | Path = "demo_out", *, seed: int = 0, settings: DemoSetti
     out = Path(out)
     start = time.perf_counter()
     base = build_config("demo", overrides={
-        "data.root": str(out / "data"), "model.num_classes": settings.num_classes, "runtime.seed": seed,
+        "data.root": str(out / "data"), "model.num_classes": settings.num_classes,
         "logging.progress_bar": progress, **dict(settings.overrides)})
     if settings.distill_epochs:
         base = base.replace({"schedule.epochs": settings.distill_epochs})
@@ -160,21 +177,26 @@ def run_demo(out: str | Path = "demo_out", *, seed: int = 0, settings: DemoSetti
     hard_labels = {"loss.mode": "ce", "model.pretrained": False, "model.student_weights": ""}
     teachers = []
     for i, teacher in enumerate(base.model.teachers):
-        cfg = _stage_config(base, out, f"teacher{i}", {
+        cfg = _stage_config(base, out, f"teacher{i}", seed, {
             **hard_labels, "model.student": teacher.tag, "schedule.epochs": settings.teacher_epochs,
             "optim.lr": settings.teacher_lr, "schedule.lr_steps": settings.teacher_lr_steps})
         teachers.append(_run_stage(cfg, f"teacher {i}"))
-    baseline = _run_stage(_stage_config(base, out, "baseline", {
+    baseline = _run_stage(_stage_config(base, out, "baseline", seed, {
         **hard_labels, "schedule.epochs": settings.baseline_epochs, "optim.lr": settings.baseline_lr,
         "schedule.lr_steps": settings.baseline_lr_steps}), "baseline")
 
     # Stage 3 reads the files stages 1-2 wrote, as a user passes downloaded weights.
-    distill_cfg = _stage_config(base, out, "distilled", {
+    distill_cfg = _stage_config(base, out, "distilled", seed, {
         "loss.mode": "meal_v2", "model.student_weights": baseline["weights"],
         "model.teachers": ",".join(f"{t.tag}@{r['weights']}" for t, r in zip(base.model.teachers, teachers,
                                                                               strict=True))})
     distilled = _run_stage(distill_cfg, "distilled")
     ensemble = _evaluate_ensemble(distill_cfg)
+    control = None
+    if settings.control:
+        # Same start, epochs, LR regime and seed as the distillation; hard labels instead of teachers.
+        control = _run_stage(_stage_config(base, out, "control", seed, {
+            **hard_labels, "model.student_weights": baseline["weights"]}), "control")
 
     summary = {
         "teachers": {**ensemble, "members": teachers},
@@ -182,6 +204,7 @@ def run_demo(out: str | Path = "demo_out", *, seed: int = 0, settings: DemoSetti
         "distilled": distilled,
         "margin_top1": distilled["top1"] - baseline["top1"],
         "margin_top5": distilled["top5"] - baseline["top5"],
+        **({"control": control, "margin_over_control_top1": distilled["top1"] - control["top1"]} if control else {}),
         "seed": seed,
         "settings": asdict(settings),
         "distill_config": distill_cfg.to_dict(),

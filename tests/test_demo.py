@@ -26,10 +26,12 @@ def demo(tmp_path_factory):
 def test_summary_json_has_every_stage(demo):
     out, summary = demo
     written = json.loads((out / "summary.json").read_text())
-    for key in ("teachers", "baseline", "distilled"):
+    for key in ("teachers", "baseline", "distilled", "control"):
         assert 0.0 <= written[key]["top1"] <= written[key]["top5"] <= 100.0
     assert [m["model"] for m in written["teachers"]["members"]] == ["test_resnet", "test_efficientnet"]
     assert written["margin_top1"] == pytest.approx(written["distilled"]["top1"] - written["baseline"]["top1"])
+    assert written["margin_over_control_top1"] == pytest.approx(
+        written["distilled"]["top1"] - written["control"]["top1"])
     assert written["seed"] == 1 and written["total_seconds"] > 0
     assert summary["distilled"]["top1"] == written["distilled"]["top1"]
 
@@ -41,8 +43,15 @@ def test_the_distillation_starts_from_the_files_the_earlier_stages_wrote(demo):
     assert cfg["model"]["student_weights"] == str(out / "baseline" / "student_last.safetensors")
     assert [t["weights"] for t in cfg["model"]["teachers"]] == [
         str(out / "teacher0" / "student_last.safetensors"), str(out / "teacher1" / "student_last.safetensors")]
-    for stage in ("teacher0", "teacher1", "baseline"):
+    for stage in ("teacher0", "teacher1", "baseline", "control"):
         assert json.loads((out / stage / "config.json").read_text())["loss"]["mode"] == "ce"
+    # The control starts where the distillation starts and sees the same batches: a paired comparison.
+    control = json.loads((out / "control" / "config.json").read_text())
+    assert control["model"]["student_weights"] == cfg["model"]["student_weights"]
+    assert control["runtime"]["seed"] == cfg["runtime"]["seed"] and control["schedule"] == cfg["schedule"]
+    seeds = [json.loads((out / s / "config.json").read_text())["runtime"]["seed"] for s in ("teacher0", "teacher1",
+                                                                                            "baseline", "distilled")]
+    assert len(set(seeds)) == 4
     records = [json.loads(line) for line in (out / "distilled" / "metrics.jsonl").read_text().splitlines()]
     assert {"kd", "d", "kl"} <= set(next(r for r in records if r["kind"] == "train"))
 
@@ -52,5 +61,5 @@ def test_the_table_is_printed(demo, capsys):
 
     table = format_table(demo[1])
     for row in ("teacher 0", "teacher 1", "teachers (ensemble)", "baseline (hard labels)", "distilled (MEAL V2)",
-                "distilled - baseline"):
+                "control (more hard labels)", "distilled - baseline", "distilled - control"):
         assert row in table

@@ -52,8 +52,9 @@ class TensorLoader:
     num_skipped = 0
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, shuffle: bool = True,
-                 seed: int = 0) -> None:
+                 seed: int = 0, device: str = "cpu") -> None:
         self.images, self.labels, self.batch_size, self.shuffle, self.seed = images, labels, batch_size, shuffle, seed
+        self.device = torch.device(device)
         self.num_classes = NUM_CLASSES
         self.classes = tuple(f"c{i}" for i in range(NUM_CLASSES))
         self.dataset_size = self.num_samples = len(labels)
@@ -71,23 +72,24 @@ class TensorLoader:
                  if self.shuffle else torch.arange(n))
         for i in range(0, n, self.batch_size):
             idx = order[i:i + self.batch_size]
-            yield self.images[idx].contiguous(memory_format=torch.channels_last), self.labels[idx]
+            images = self.images[idx].to(self.device).contiguous(memory_format=torch.channels_last)
+            yield images, self.labels[idx].to(self.device)
 
 
-def make_data(num_train: int = 40, num_val: int = 13, batch_size: int = 8):
+def make_data(num_train: int = 40, num_val: int = 13, batch_size: int = 8, device: str = "cpu"):
     g = torch.Generator().manual_seed(1)
     labels = torch.randint(NUM_CLASSES, (num_train + num_val,), generator=g)
     # Class-dependent colour plus noise: learnable, so losses move.
     images = torch.randn(num_train + num_val, 3, SIZE, SIZE, generator=g) * 0.5
     images += (labels.float() / NUM_CLASSES).view(-1, 1, 1, 1)
-    train = TensorLoader(images[:num_train], labels[:num_train], batch_size)
-    val = TensorLoader(images[num_train:], labels[num_train:], 5, shuffle=False)
+    train = TensorLoader(images[:num_train], labels[:num_train], batch_size, device=device)
+    val = TensorLoader(images[num_train:], labels[num_train:], 5, shuffle=False, device=device)
     return train, val
 
 
-def make_teachers(seed: int = 7):
+def make_teachers(seed: int = 7, device: str = "cpu"):
     torch.manual_seed(seed)
-    teachers = [TinyNet(width=6).eval(), TinyNet(width=4).eval()]
+    teachers = [TinyNet(width=6).eval().to(device), TinyNet(width=4).eval().to(device)]
     for t in teachers:
         t.requires_grad_(False)
 
@@ -328,6 +330,7 @@ def test_epoch_outputs_metrics_checkpoints_and_student_weights(tmp_path):
         assert (run / f"{stem}.safetensors").is_file() and (run / f"{stem}.pth").is_file()
     state = load_checkpoint(run / "checkpoints" / "ckpt-000000010.pt")
     assert state["config"] == cfg.to_json()
+    assert not [k for k in state if "teacher" in k]  # teachers are never saved (SPEC)
     assert set(state["rng"][0]) >= {"torch", "numpy", "python"}
     train_rows = read_jsonl(run / "metrics.jsonl", "train")
     # Logged every 2 steps and at each epoch's end (5 steps per epoch).
@@ -502,3 +505,48 @@ def test_tensorboard_request_without_tensorboard_names_the_install(tmp_path):
                                                         "schedule.epochs": 1}))
         trainer.fit()
         assert any((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def _gpu_trainer(tmp_path, **overrides):
+    cfg = tiny_config(tmp_path, **{"runtime.device": "cuda", "precision.channels_last": "true", **overrides})
+    torch.manual_seed(0)
+    train, val = make_data(device="cuda")
+    return Trainer(cfg, student=TinyNet(), discriminator=Discriminator(NUM_CLASSES),
+                   teachers=make_teachers(device="cuda"), train_loader=train, val_loader=val)
+
+
+@pytest.mark.gpu
+def test_gpu_amp_bf16_with_fused_sgd(tmp_path):
+    trainer = _gpu_trainer(tmp_path, **{"precision.mode": "amp-bf16", "schedule.epochs": 1})
+    assert trainer.optimizer.defaults["fused"] is True and not trainer.scaler.is_enabled()
+    summary = trainer.fit()
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl", "train")
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows) and "peak_mem_gb" in rows[0]
+    assert summary["last_eval"]["count"] == 13
+
+
+@pytest.mark.gpu
+def test_gpu_fp16_grad_scaler_state_is_checkpointed_and_restored(tmp_path):
+    trainer = _gpu_trainer(tmp_path, **{"precision.mode": "amp-fp16", "schedule.epochs": 1})
+    assert trainer.scaler.is_enabled()
+    trainer.fit()
+    scale = trainer.scaler.get_scale()
+    resumed = _gpu_trainer(tmp_path, **{"precision.mode": "amp-fp16", "schedule.epochs": 2})
+    resumed.resume("auto")
+    assert resumed.scaler.get_scale() == scale and resumed.global_step == trainer.global_step
+    resumed.fit()
+    assert resumed.epoch == 2
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_resume_equivalence(tmp_path):
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    straight = _gpu_trainer(tmp_path / "a", **{"precision.channels_last": "false"})
+    straight.fit()
+    first = _gpu_trainer(tmp_path / "b", **{"precision.channels_last": "false", "schedule.epochs": 1})
+    first.fit()
+    second = _gpu_trainer(tmp_path / "b", **{"precision.channels_last": "false"})
+    second.resume("auto")
+    second.fit()
+    for (name, x), (_, y) in zip(straight.model.state_dict().items(), second.model.state_dict().items(), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
