@@ -25,18 +25,22 @@ epoch's: no checkpoint is picked on the val split, which is also the test split 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from fastmeal.config import Config, build_config
+from fastmeal.trainer import Trainer, TrainerHook
 
 log = logging.getLogger("fastmeal.demo")
 
@@ -92,17 +96,53 @@ def _stage_config(base: Config, out: Path, name: str, seed: int, overrides: dict
                          "runtime.seed": seed * 10 + offset, **overrides})
 
 
-def _run_stage(cfg: Config, label: str) -> dict[str, Any]:
+class _StageProgress(TrainerHook):
+    """One bar per stage over its epochs, showing the latest val top-1 (the trainer's own lines are muted)."""
+
+    def __init__(self, label: str, enabled: bool) -> None:
+        self.label, self.enabled = label, enabled
+        self.bar: tqdm | None = None
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self.bar = tqdm(total=trainer.cfg.schedule.epochs, initial=trainer.epoch, desc=f"{self.label:>10}",
+                        unit="epoch", disable=not self.enabled, dynamic_ncols=True)
+
+    def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"val top-1 {record.get('val_top1', float('nan')):.1f}")
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@contextlib.contextmanager
+def _quiet_training() -> Iterator[None]:
+    """Per-epoch trainer, loader and checkpoint lines would be hundreds here: keep warnings only."""
+    package, own = logging.getLogger("fastmeal"), logging.getLogger(__name__)
+    levels = package.level, own.level
+    package.setLevel(max(logging.WARNING, package.getEffectiveLevel()))
+    own.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        package.setLevel(levels[0])
+        own.setLevel(levels[1])
+
+
+def _run_stage(cfg: Config, label: str, *, progress: bool) -> dict[str, Any]:
     from fastmeal.trainer import build_trainer
 
     run_dir = Path(cfg.resolved_run_dir)
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a rerun starts over: no stale checkpoints are picked up
-    log.info("demo: %s: %s, %d epochs, loss.mode=%s", label, cfg.model.student, cfg.schedule.epochs, cfg.loss.mode)
     start = time.perf_counter()
-    summary = build_trainer(cfg).fit()
+    with _quiet_training():
+        summary = build_trainer(cfg, hooks=[_StageProgress(label, progress)]).fit()
     seconds = time.perf_counter() - start
     last = summary["last_eval"]
+    log.info("demo: %-9s %s: val top-1 %.2f top-5 %.2f after %d epochs of loss.mode=%s, %.0f s", label,
+             cfg.model.student, last["top1"], last["top5"], summary["epochs"], cfg.loss.mode, seconds)
     return {"model": cfg.model.student, "top1": last["top1"], "top5": last["top5"], "val_loss": last["loss"],
             "epochs": summary["epochs"], "seconds": seconds, "train_images_per_s": summary["train_images_per_s"],
             "weights": str(run_dir / "student_last.safetensors")}
@@ -166,7 +206,7 @@ def run_demo(out: str | Path = "demo_out", *, seed: int = 0, settings: DemoSetti
     start = time.perf_counter()
     base = build_config("demo", overrides={
         "data.root": str(out / "data"), "model.num_classes": settings.num_classes,
-        "logging.progress_bar": progress, **dict(settings.overrides)})
+        "logging.progress_bar": False, **dict(settings.overrides)})
     if settings.distill_epochs:
         base = base.replace({"schedule.epochs": settings.distill_epochs})
 
@@ -180,23 +220,23 @@ def run_demo(out: str | Path = "demo_out", *, seed: int = 0, settings: DemoSetti
         cfg = _stage_config(base, out, f"teacher{i}", seed, {
             **hard_labels, "model.student": teacher.tag, "schedule.epochs": settings.teacher_epochs,
             "optim.lr": settings.teacher_lr, "schedule.lr_steps": settings.teacher_lr_steps})
-        teachers.append(_run_stage(cfg, f"teacher {i}"))
+        teachers.append(_run_stage(cfg, f"teacher {i}", progress=progress))
     baseline = _run_stage(_stage_config(base, out, "baseline", seed, {
         **hard_labels, "schedule.epochs": settings.baseline_epochs, "optim.lr": settings.baseline_lr,
-        "schedule.lr_steps": settings.baseline_lr_steps}), "baseline")
+        "schedule.lr_steps": settings.baseline_lr_steps}), "baseline", progress=progress)
 
     # Stage 3 reads the files stages 1-2 wrote, as a user passes downloaded weights.
     distill_cfg = _stage_config(base, out, "distilled", seed, {
         "loss.mode": "meal_v2", "model.student_weights": baseline["weights"],
         "model.teachers": ",".join(f"{t.tag}@{r['weights']}" for t, r in zip(base.model.teachers, teachers,
                                                                               strict=True))})
-    distilled = _run_stage(distill_cfg, "distilled")
+    distilled = _run_stage(distill_cfg, "distilled", progress=progress)
     ensemble = _evaluate_ensemble(distill_cfg)
     control = None
     if settings.control:
         # Same start, epochs, LR regime and seed as the distillation; hard labels instead of teachers.
         control = _run_stage(_stage_config(base, out, "control", seed, {
-            **hard_labels, "model.student_weights": baseline["weights"]}), "control")
+            **hard_labels, "model.student_weights": baseline["weights"]}), "control", progress=progress)
 
     summary = {
         "teachers": {**ensemble, "members": teachers},
