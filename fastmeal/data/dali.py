@@ -13,9 +13,8 @@ On CUDA the decoder is ``mixed`` (nvJPEG, with ``data.dali_hw_decoder_load`` of 
 A100/H100 hardware decoder) and every later op runs on the GPU; without CUDA the **same graph** is built
 with ``device_id=None`` and CPU operators, so CPU CI exercises the real DALI graph. The output is HWC
 (fp16 or fp32, see :func:`fastmeal.data.common.images_dtype`), which *is* a channels-last NCHW batch:
-the loader hands out ``permute(0, 3, 1, 2)`` of it, a view, not a layout copy. (The batch is copied once,
-device to device, out of DALI's output buffer, which DALI recycles after ``prefetch`` more runs while the
-trainer may still be reading it.) Decoding follows PIL (the
+the loader hands out ``permute(0, 3, 1, 2)`` of DALI's own buffer (shared through DLPack: DALI's
+dynamic executor gives each batch a fresh buffer that the consumer then owns), no copy at all. Decoding follows PIL (the
 reference): EXIF orientation is ignored (``adjust_orientation=False``), grayscale and CMYK JPEGs and
 PNGs come out as RGB.
 
@@ -331,15 +330,28 @@ class DaliLoader:
         return None
 
     def _to_torch(self, images: Any) -> torch.Tensor:
-        from nvidia.dali.plugin.pytorch import feed_ndarray
+        """DALI's batch as ``[B, 3, S, S]`` channels-last: shared through DLPack, not copied, when it can be.
 
+        DALI's default (dynamic) executor allocates each iteration's outputs afresh and lets the consumer
+        own them, so torch can take the buffer as is (what DALI's own PyTorch iterator does); the older
+        executor recycles its buffers, so then the batch is copied out.
+        """
         images = images.as_tensor()
-        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        staged = torch.float16 if self.dtype == torch.float16 else torch.float32  # what _build asked DALI for
-        out = torch.empty(images.shape(), dtype=staged, device=self.device)  # [B, S, S, 3]
-        feed_ndarray(images, out, cuda_stream=stream)
-        # HWC per sample is NHWC for the batch: its NCHW view is channels-last, no copy.
-        return out.permute(0, 3, 1, 2).to(self.dtype)  # .to: bf16 only, a no-op otherwise
+        if self._pipe.exec_dynamic:
+            if self.device.type == "cuda":
+                with torch.cuda.device(self.device):  # DLPack orders DALI's stream before torch's current one
+                    out = torch.from_dlpack(images)
+            else:
+                out = torch.from_dlpack(images)
+        else:
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            staged = torch.float16 if self.dtype == torch.float16 else torch.float32  # what _build asked DALI for
+            out = torch.empty(images.shape(), dtype=staged, device=self.device)
+            feed_ndarray(images, out, cuda_stream=torch.cuda.current_stream(self.device) if self.device.type == "cuda"
+                         else None)
+        # out is [B, S, S, 3]: HWC per sample is NHWC for the batch, and its NCHW view is channels-last.
+        return out.permute(0, 3, 1, 2).to(self.dtype)  # .to: bf16 only (DALI has no bf16), a no-op otherwise
 
 
 def _cuda_index(device: torch.device) -> int:
