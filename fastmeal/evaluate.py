@@ -29,14 +29,15 @@ _COUNTS = ("top1", "top5", "loss")
 def resolve_precision(mode: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
     """``(autocast dtype or None, use a grad scaler)`` for ``precision.mode`` on ``device``.
 
-    ``amp`` is bf16 where the device supports it (the CPU, Ampere and later), else fp16 with a grad
-    scaler; ``fp32`` is the reference's numerics (no autocast).
+    ``amp`` is bf16 on GPUs that support it (Ampere and later), else fp16 with a grad scaler; on the
+    CPU it is fp32, since CPU bf16 autocast ran ~20x slower than fp32 matmuls on the 2-core dev machine
+    (bench_train_step measured it) and most CPUs lack native bf16 (``amp-bf16`` still forces it).
+    ``fp32`` is the reference's numerics (no autocast).
     """
-    if mode == "fp32":
+    if mode == "fp32" or (mode == "amp" and device.type != "cuda"):
         return None, False
     if mode == "amp":
-        bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
-        mode = "amp-bf16" if bf16 else "amp-fp16"
+        mode = "amp-bf16" if torch.cuda.is_bf16_supported() else "amp-fp16"
     if mode == "amp-bf16":
         return torch.bfloat16, False
     if mode == "amp-fp16":

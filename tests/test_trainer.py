@@ -408,12 +408,13 @@ def test_cutmix_training_step_sees_the_mixed_batch(tmp_path):
 def test_resolve_precision():
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) == (None, False)
-    assert resolve_precision("amp", cpu) == (torch.bfloat16, False)
+    assert resolve_precision("amp", cpu) == (None, False)  # CPU: amp means fp32 (bf16 autocast is slow there)
+    assert resolve_precision("amp-bf16", cpu) == (torch.bfloat16, False)
     assert resolve_precision("amp-fp16", cpu) == (torch.float16, True)
 
 
 def test_amp_bf16_step_runs_on_the_cpu(tmp_path):
-    cfg = tiny_config(tmp_path, **{"precision.mode": "amp", "precision.channels_last": "true",
+    cfg = tiny_config(tmp_path, **{"precision.mode": "amp-bf16", "precision.channels_last": "true",
                                    "schedule.epochs": 1, "runtime.max_steps_per_epoch": 2})
     trainer = make_trainer(cfg)
     summary = trainer.fit()
