@@ -48,7 +48,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
     summary = synthesize(args.out, num_classes=args.classes, train_per_class=args.train_per_class,
                          val_per_class=args.val_per_class, seed=args.seed, size_range=tuple(args.size_range),
-                         oddities=args.oddities, progress=not args.no_progress)
+                         oddities=args.oddities, progress=not args.no_progress, num_workers=args.workers)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -56,7 +56,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 def cmd_data_check(args: argparse.Namespace) -> int:
     from fastmeal.data.check import check_dataset, format_report
 
-    report = check_dataset(args.dir, progress=not args.no_progress)
+    report = check_dataset(args.dir, progress=not args.no_progress, num_workers=args.workers)
     print(format_report(report))
     return 0 if report.ok else 1
 
@@ -166,10 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="short side in pixels (ImageNet-like: 375 500)")
     synth.add_argument("--oddities", action="store_true",
                        help="add grayscale, CMYK, progressive JPEGs and a PNG named .JPEG, as ImageNet has")
+    synth.add_argument("--workers", type=int, default=1, help="processes (the files do not depend on it)")
     synth.add_argument("--no-progress", action="store_true")
     synth.set_defaults(func=cmd_data_synth)
     check = data.add_parser("check", help="count images and list every problem by path (exit 1 on problems)")
     check.add_argument("dir")
+    check.add_argument("--workers", type=int, default=1, help="processes decoding files in parallel")
     check.add_argument("--no-progress", action="store_true")
     check.set_defaults(func=cmd_data_check)
 
