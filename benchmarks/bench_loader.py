@@ -109,12 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=0, help="batches per repeat (default: an epoch, at least 12)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="write the result here")
+    parser.add_argument("--note", action="append", default=[], help="a note stored with the result (repeatable)")
     args = parser.parse_args(argv)
 
     device = resolve_device(args.device)
     batch = args.batch or (256 if device.type == "cuda" else 64)
     backends = ["torchvision", "dali"] if args.backend == "both" else [args.backend]
-    notes = []
+    notes = list(args.note)
     if "dali" in backends and not dali_available():
         backends.remove("dali")
         notes.append("DALI is not installed here: only the torchvision backend was measured")

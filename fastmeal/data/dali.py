@@ -337,7 +337,7 @@ class DaliLoader:
         executor recycles its buffers, so then the batch is copied out.
         """
         images = images.as_tensor()
-        if self._pipe.exec_dynamic:
+        if getattr(self._pipe, "exec_dynamic", False):  # DALI >= 1.44
             if self.device.type == "cuda":
                 with torch.cuda.device(self.device):  # DLPack orders DALI's stream before torch's current one
                     out = torch.from_dlpack(images)
