@@ -277,7 +277,7 @@ class Trainer:
         self.meter = DeviceMeans((*self.part_names, "train_top1"), self.device)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.runtime.keep_last,
                                              enabled=self.dist.is_main)
-        self.writer: MetricsWriter | None = None
+        self.writer = MetricsWriter(self.run_dir, enabled=False)  # fit() opens the real one (rank 0)
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
