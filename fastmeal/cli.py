@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from fastmeal.config import PRESETS, ConfigError, build_config, parse_set_args
@@ -64,7 +65,6 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 def _setup_logging() -> None:
     """INFO lines from rank 0, warnings only from the other ranks (STYLE: one rank-0 logger)."""
     import logging
-    import os
 
     level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
     logger = logging.getLogger("fastmeal")
@@ -99,7 +99,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = train(cfg)
     except _user_errors() as err:
         return _report_user_error(err)
-    print(json.dumps(summary, indent=2, default=str))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
+        print(json.dumps(summary, indent=2, default=str))
     return 0
 
 
@@ -126,8 +127,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import os
-
     # The demo runs on the CPU, where loader workers and torch's OpenMP threads share the cores.
     # Spinning OpenMP threads then starve each other (measured on a busy 2-core machine: a BatchNorm
     # forward 0.6 ms passive vs 20-60 ms spinning, resnet10t training 2-3x slower). Must be set
