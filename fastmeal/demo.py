@@ -238,7 +238,8 @@ def run_demo(out: str | Path = "demo_out", *, seed: int = 0, settings: DemoSetti
         "model.teachers": ",".join(f"{t.tag}@{r['weights']}" for t, r in zip(base.model.teachers, teachers,
                                                                               strict=True))})
     distilled = _run_stage(distill_cfg, "distilled", progress=progress)
-    ensemble = _evaluate_ensemble(distill_cfg)
+    with _quiet_training():
+        ensemble = _evaluate_ensemble(distill_cfg)
     control = None
     if settings.control:
         # Same start, epochs, LR regime and seed as the distillation; hard labels instead of teachers.
