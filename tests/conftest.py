@@ -2,8 +2,12 @@
 
 import os
 
-import pytest
-import torch
+# OpenMP threads that spin while waiting make tiny CPU ops 30-100x slower when the cores are shared
+# (loader workers, forked ranks, other jobs); it must be set before torch starts its thread pool.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Triton kernels run in the interpreter when there is no GPU. Triton reads this when a kernel is
 # decorated, so it must be set before any test imports fastmeal.kernels.
