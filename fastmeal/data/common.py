@@ -1,4 +1,4 @@
-"""What both loader backends share: the dataset scan, the normalisation constants, the dtype rule.
+"""What both loader backends share: the dataset scan, the sampler, the constants, the dtype and corrupt-file rules.
 
 The DALI and torchvision backends read the same list of files in the same order, with the same labels
 (ImageFolder's: class index = sorted folder order), and hand out batches with the same dtype and memory

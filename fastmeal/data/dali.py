@@ -13,10 +13,10 @@ On CUDA the decoder is ``mixed`` (nvJPEG, with ``data.dali_hw_decoder_load`` of 
 A100/H100 hardware decoder) and every later op runs on the GPU; without CUDA the **same graph** is built
 with ``device_id=None`` and CPU operators, so CPU CI exercises the real DALI graph. The output is HWC
 (fp16 or fp32, see :func:`fastmeal.data.common.images_dtype`), which *is* a channels-last NCHW batch:
-the loader hands out ``permute(0, 3, 1, 2)`` of DALI's own buffer (shared through DLPack: DALI's
-dynamic executor gives each batch a fresh buffer that the consumer then owns), no copy at all. Decoding follows PIL (the
-reference): EXIF orientation is ignored (``adjust_orientation=False``), grayscale and CMYK JPEGs and
-PNGs come out as RGB.
+the loader hands out ``permute(0, 3, 1, 2)`` of DALI's own buffer, shared through DLPack (DALI's dynamic
+executor gives each batch a fresh buffer that the consumer then owns): no copy at all. Decoding follows
+PIL (the reference): EXIF orientation is ignored (``adjust_orientation=False``), grayscale and CMYK JPEGs
+and PNGs come out as RGB.
 
 Which files, in which order: the same sampler as the torchvision backend
 (:func:`fastmeal.data.common.build_sampler`: the reference's DistributedSampler for train, an exact
@@ -25,8 +25,9 @@ and are read by ``fn.io.file.read`` on DALI's threads. So the shard of rank ``sh
 ``num_shards`` is the reference's, the order of an epoch is a function of (``runtime.seed``, epoch)
 (the trainer's mid-epoch resume relies on it), the partial last batch is kept (``data.last_batch=keep``,
 the reference) or dropped, and val yields every image exactly once over all ranks, without padding.
-DALI's own reader was the first design; its per-epoch shuffle cannot be seeded per epoch (a resumed
-run would replay another order) and its ``pad_last_batch`` pads val shards, so it was replaced.
+DALI's own reader (``fn.readers.file`` with ``shard_id``/``num_shards``) was the first design and was
+replaced: its ``shuffle_after_epoch`` order depends on how many epochs the pipeline object has run, so
+a resumed run would not see the uninterrupted run's order, and its ``pad_last_batch`` pads val shards.
 
 The pipeline lives across epochs and prefetches across epoch boundaries: the batches planned next are
 those of the following epoch. ``set_epoch`` to another epoch, or a pass abandoned mid-epoch
