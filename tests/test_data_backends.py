@@ -194,8 +194,10 @@ def test_gpu_val_matches_cpu_twin(photo_root):
     assert torch.equal(gpu_labels.cpu(), cpu_labels)
     diff = (gpu_images.float().cpu() - cpu_images).abs()
     print(f"val |mixed - cpu|: mean {diff.mean():.5f}, max {diff.max():.5f}")
-    # The GPU IDCT and the GPU resampler round differently; fp16 adds 0.002 at |x| ~ 2.6.
-    assert diff.mean() < 0.5 * LEVEL and diff.max() < 4 * LEVEL
+    # nvJPEG's IDCT (and the A100/H100 hardware decoder's) and the GPU resampler round differently from
+    # libjpeg and the CPU resampler; fp16 adds up to 0.002 at |x| ~ 2.6. Not yet calibrated on a GPU: a
+    # loose bound on single pixels, a tight one on the mean (a wrong colour conversion moves the mean).
+    assert diff.mean() < 0.5 * LEVEL and diff.max() < 8 * LEVEL
     bf16, _ = next(iter(build_loader(cfg.replace({"teacher_engine.dtype": "bf16"}), "val", device=cuda)))
     assert bf16.dtype == torch.bfloat16 and bf16.is_contiguous(memory_format=torch.channels_last)
     assert (bf16.float().cpu() - cpu_images[:16]).abs().max() < 0.02 + 4 * LEVEL  # bf16: 8 bits of mantissa
