@@ -99,8 +99,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = train(cfg)
     except _user_errors() as err:
         return _report_user_error(err)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
-        print(json.dumps(summary, indent=2, default=str))
+    # Every rank prints its own summary (torchrun keeps ranks' streams apart): a rank's summary says
+    # why it stopped ("preempted by SIGUSR1" on the signalled rank, "by peer" on the others).
+    print(json.dumps(summary, indent=2, default=str))
     return 0
 
 
