@@ -4,8 +4,8 @@ import os
 
 import pytest
 import torch
-from fastmeal.kernels.ensemble_kd import ensemble_kd, ensemble_kd_forward
 
+from fastmeal.kernels.ensemble_kd import ensemble_kd, ensemble_kd_forward
 from fastmeal.losses import meal_v2_loss
 from fastmeal.models.discriminator import Discriminator
 
