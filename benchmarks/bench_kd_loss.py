@@ -161,10 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     doc = harness.write_result(args.json, benchmark="kd_loss", settings=settings, rows=rows, notes=notes,
                                device=device)
-    harness.print_table(rows, COLUMNS)
-    for note in notes:
-        print("note:", note)
-    return doc
+    return harness.report(doc, COLUMNS)
 
 
 if __name__ == "__main__":

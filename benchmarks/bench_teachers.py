@@ -273,10 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
     notes.append(f"wall time {time.perf_counter() - start:.0f} s (budget {args.budget_s:.0f} s)")
     doc = harness.write_result(args.json, benchmark="teachers", settings=settings, rows=rows, notes=notes,
                                device=device)
-    harness.print_table(rows, COLUMNS)
-    for note in notes:
-        print("note:", note)
-    return doc
+    return harness.report(doc, COLUMNS)
 
 
 if __name__ == "__main__":

@@ -566,9 +566,7 @@ def print_summary(path: str | os.PathLike) -> None:
     """The short table of a result file (the device suite prints it last)."""
     doc = json.loads(Path(path).read_text())
     print(f"train_step on {doc.get('device')} (commit {str(doc.get('commit'))[:12]})")
-    harness.print_table(doc["rows"], SUMMARY_COLUMNS)
-    for note in doc.get("notes", []):
-        print("note:", note)
+    harness.report(doc, SUMMARY_COLUMNS)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -124,6 +124,14 @@ def write_result(path: str | os.PathLike | None, *, benchmark: str, settings: di
     return doc
 
 
+def report(doc: dict[str, Any], columns: list[str]) -> dict[str, Any]:
+    """Print a written result: its table, then its notes; returns ``doc``."""
+    print_table(doc["rows"], columns)
+    for note in doc.get("notes", []):
+        print("note:", note)
+    return doc
+
+
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     """A plain fixed-width table of ``rows`` on stdout."""
     cells = [[_fmt(row.get(c, "")) for c in columns] for row in rows]

@@ -196,3 +196,36 @@ def next_decodable(paths: list[str] | tuple[str, ...], start: int, bad: set[str]
         except CorruptImageError:
             bad.add(paths[i])
     raise DataError(f"no file of {os.path.dirname(os.path.dirname(paths[0]))} can be decoded")
+
+
+class LoaderBase:
+    """What both backends share of the Loader protocol (``fastmeal.data.Loader``).
+
+    Subclasses set ``num_batches`` and ``num_samples`` and add ``backend``, ``__iter__`` (which reads
+    and advances ``_epoch``) and record skipped corrupt files in ``_skipped``.
+    """
+
+    num_batches: int
+    num_samples: int
+
+    def __init__(self, cfg: Config, split: Split, *, device: torch.device, batch_size: int) -> None:
+        self.device = device
+        self.dtype = images_dtype(cfg, device)
+        self.classes = split.classes
+        self.num_classes = len(split.classes)
+        self.dataset_size = len(split)
+        self.batch_size = batch_size
+        self._skipped: set[str] = set()
+        self._epoch = 0  # the epoch of the next pass
+
+    @property
+    def num_skipped(self) -> int:
+        """Corrupt files skipped so far (distinct paths), with ``data.skip_corrupt=true``."""
+        return len(self._skipped)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch of the next pass: its order is the sampler's for (runtime.seed, epoch)."""
+        self._epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches

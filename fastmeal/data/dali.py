@@ -63,10 +63,10 @@ from fastmeal.data.common import (
     IMAGENET_STD,
     CorruptImageError,
     DataError,
+    LoaderBase,
     Split,
     build_sampler,
     epoch_counts,
-    images_dtype,
     load_rgb,
     next_decodable,
 )
@@ -156,22 +156,17 @@ class _Batch:
     samples: list[int]
 
 
-class DaliLoader:
+class DaliLoader(LoaderBase):
     """Batches ``(images [B,3,S,S] channels-last view, labels [B] int64)`` on ``device`` (the Loader protocol)."""
 
     backend = "dali"
 
     def __init__(self, cfg: Config, split: Split, split_name: str, *, rank: int, world_size: int,
                  device: torch.device, batch_size: int):
+        super().__init__(cfg, split, device=device, batch_size=batch_size)
         self.cfg = cfg
-        self.device = device
-        self.dtype = images_dtype(cfg, device)
         self.train = split_name == "train"
         self.rank = rank
-        self.batch_size = batch_size
-        self.classes = split.classes
-        self.num_classes = len(split.classes)
-        self.dataset_size = len(split)
         self.paths = split.paths
         self.labels = split.labels
         self.sampler = build_sampler(split_name, len(split), rank=rank, world_size=world_size, seed=cfg.runtime.seed)
@@ -179,26 +174,12 @@ class DaliLoader:
         self.num_batches, self.num_samples = epoch_counts(len(self.sampler), batch_size, self._drop_last)
         self._substitute: dict[int, int] = {}  # corrupt sample index -> the index read in its place
         self._bad: set[str] = set()
-        self._skipped: set[str] = set()
-        self._epoch = 0  # the epoch of the next pass
         self._pipe = None
         self._queue: deque[_Batch] = deque()  # planned, not yet fed to DALI
         self._inflight: deque[_Batch] = deque()  # fed to DALI, not yet delivered
         self._next_plan = (0, 0)  # (epoch, batch index) of the next batch to plan
 
     # -- the Loader protocol -----------------------------------------------------------------
-
-    @property
-    def num_skipped(self) -> int:
-        """Corrupt files skipped so far (distinct paths), with ``data.skip_corrupt=true``."""
-        return len(self._skipped)
-
-    def set_epoch(self, epoch: int) -> None:
-        """The epoch of the next pass: its order is the sampler's for (runtime.seed, epoch)."""
-        self._epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_batches
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch = self._epoch

@@ -33,10 +33,10 @@ from fastmeal.data.common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     CorruptImageError,
+    LoaderBase,
     Split,
     build_sampler,
     epoch_counts,
-    images_dtype,
     load_rgb,
     next_decodable,
 )
@@ -107,22 +107,15 @@ def _collate(batch: list[tuple[torch.Tensor, int, tuple[str, ...]]]) -> tuple[to
     return images, labels, skipped
 
 
-class TorchvisionLoader:
+class TorchvisionLoader(LoaderBase):
     """Batches ``(images [B,3,S,S] channels-last, labels [B] int64)`` on ``device`` (the Loader protocol)."""
 
     backend = "torchvision"
 
     def __init__(self, cfg: Config, split: Split, split_name: str, *, rank: int, world_size: int,
                  device: torch.device, batch_size: int):
-        self.device = device
-        self.dtype = images_dtype(cfg, device)
+        super().__init__(cfg, split, device=device, batch_size=batch_size)
         self.split_name = split_name
-        self.classes = split.classes
-        self.num_classes = len(split.classes)
-        self.dataset_size = len(split)
-        self.batch_size = batch_size
-        self._skipped: set[str] = set()
-        self._epoch = 0  # the epoch of the next pass
         train = split_name == "train"
         dataset = FolderDataset(split, build_transform(split_name, cfg.data.image_size, cfg.data.resolved_eval_resize),
                                 skip_corrupt=cfg.data.skip_corrupt)
@@ -146,18 +139,6 @@ class TorchvisionLoader:
                                   # the rank handles SIGTERM/SIGUSR1 (preemption); its workers must not die of it
                                   worker_init_fn=ignore_preemption_signals,
                                   prefetch_factor=cfg.data.prefetch if workers else None)
-
-    @property
-    def num_skipped(self) -> int:
-        """Corrupt files skipped so far (distinct paths), with ``data.skip_corrupt=true``."""
-        return len(self._skipped)
-
-    def set_epoch(self, epoch: int) -> None:
-        """The epoch of the next pass: its order is DistributedSampler's for (runtime.seed, epoch)."""
-        self._epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_batches
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # Without set_epoch the next pass is the next epoch (the DALI backend does the same), not a
