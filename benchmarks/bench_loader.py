@@ -7,6 +7,14 @@ normalised channels-last batch and its labels on the device (fp32 on the CPU; on
 dtype, fp16, with DALI's ``mixed`` GPU decoding). Train (RandomResizedCrop + flip) and val (resize +
 centre crop) pipelines are measured separately.
 
+Train is measured twice per backend, in the same run: ``variant=plan`` is the product (the crop plan,
+:mod:`fastmeal.data.plan`: boxes computed in Python per batch, fed to DALI's ROI decoder /
+cropped with PIL), ``variant=fused`` the augmentation it replaced, kept here only as the comparison
+point: DALI's fused ``decoders.image_random_crop`` drawing its own boxes, and torchvision's
+``RandomResizedCrop`` drawing from torch's RNG in the workers. Both variants share everything else
+(files, order, batches, collation, output). ``plan_over_fused`` is their ratio (images/s and per
+CPU-second); the plan's cost goal is at most 5 % on the CPU.
+
 For each split: every file is read once first (no cold-disk reads in the timed region), each backend
 runs ``--warmup`` batches, then the backends take turns for ``--repeats`` timed runs of ``--batches``
 consecutive batches each (turns, so that a load change on a shared machine hits both; epochs chain:
@@ -44,8 +52,74 @@ import harness  # noqa: E402
 
 from fastmeal.config import r50_224  # noqa: E402
 from fastmeal.data import build_loader, dali_available  # noqa: E402
-from fastmeal.data.common import scan_split  # noqa: E402
+from fastmeal.data.common import CROP_AREA, CROP_ASPECT, scan_split  # noqa: E402
 from fastmeal.distributed import resolve_device  # noqa: E402
+
+
+def fused_loader(cfg, backend: str, device: torch.device):
+    """The train loader with the pre-plan augmentation: random draws inside the pipeline (module docstring)."""
+    if backend == "torchvision":
+        from torch.utils.data import DataLoader
+
+        from fastmeal.data.torchvision import FolderDataset, _collate, build_transform
+
+        loader = build_loader(cfg.replace({"data.backend": "torchvision"}), "train", device=device)
+        data = cfg.data
+        dataset = FolderDataset(scan_split(data.root, "train"), build_transform("train", data.image_size,
+                                                                               data.resolved_eval_resize))
+        # The same DataLoader as the product's, reading (index) items with RandomResizedCrop in the workers.
+        loader._batches = None
+        loader._loader = DataLoader(dataset, batch_size=loader.batch_size, sampler=loader.sampler,
+                                    num_workers=data.workers, collate_fn=_collate, pin_memory=device.type == "cuda",
+                                    persistent_workers=data.workers > 0,
+                                    prefetch_factor=data.prefetch if data.workers else None)
+        return loader
+    from nvidia.dali import fn, types
+
+    from fastmeal.data import build_index
+    from fastmeal.data.dali import DaliLoader, decoder_args, resize_flip_normalize
+
+    class FusedRandomCropDali(DaliLoader):
+        """The pre-plan DALI train graph: paths in, DALI's fused random-crop decoder draws the boxes."""
+
+        def _input_types(self):
+            return [types.UINT8]
+
+        def _source(self):
+            return (self._encoded_paths(self._feed_next()),)
+
+        def _define(self, inputs, *, decoder_device, dali_dtype):
+            data = self.cfg.data
+            images = fn.decoders.image_random_crop(fn.io.file.read(inputs[0]), random_area=list(CROP_AREA),
+                                                   random_aspect_ratio=list(CROP_ASPECT), num_attempts=10,
+                                                   **decoder_args(decoder_device, data.dali_hw_decoder_load))
+            return resize_flip_normalize(images, fn.random.coin_flip(probability=0.5), image_size=data.image_size,
+                                         dali_dtype=dali_dtype)
+
+    split = scan_split(cfg.data.root, "train")
+    return FusedRandomCropDali(cfg.replace({"data.backend": "dali"}), split, "train", rank=0, world_size=1,
+                               device=device, batch_size=cfg.data.batch_size, index=build_index(split, progress=False))
+
+
+class SourceTimer:
+    """Wall time spent in the DALI loader's per-batch Python (``external_source`` callback), per batch."""
+
+    def __init__(self, loader) -> None:
+        self.seconds, self.calls = 0.0, 0
+        source = loader._source
+
+        def timed():
+            start = time.perf_counter()
+            try:
+                return source()
+            finally:
+                self.seconds += time.perf_counter() - start
+                self.calls += 1
+
+        loader._source = timed
+
+    def ms_per_batch(self) -> float:
+        return 1e3 * self.seconds / max(self.calls, 1)
 
 
 def _forever(loader):
@@ -109,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=0, help="batches per repeat (default: an epoch, at least 12)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="write the result here")
+    parser.add_argument("--no-fused", action="store_true", help="train: measure the plan only, not also the "
+                        "pre-plan fused random crop")
     parser.add_argument("--note", action="append", default=[], help="a note stored with the result (repeatable)")
     args = parser.parse_args(argv)
 
@@ -132,50 +208,70 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.workers} workers/threads, batch {batch}, {args.image_size} px")
     rows = []
     for split in splits:
-        # The backends take turns, repeat by repeat, so that a load change on a shared machine hits both.
+        # The modes take turns, repeat by repeat, so that a load change on a shared machine hits all of them.
         # torchvision is built and started first: forking its workers while a DALI pipeline lives is refused.
-        streams, meta = {}, {}
-        for backend in backends:
-            loader = build_loader(cfg.replace({"data.backend": backend}), split, device=device)
+        if split == "train":
+            variants = ["plan"] if args.no_fused else ["plan", "fused"]
+        else:
+            variants = ["eval"]
+        modes = [(b, v) for b in backends for v in variants]
+        streams, meta, timers = {}, {}, {}
+        for backend, variant in modes:
+            if variant == "fused":
+                loader = fused_loader(cfg, backend, device)
+            else:
+                loader = build_loader(cfg.replace({"data.backend": backend}), split, device=device)
+            if backend == "dali":
+                timers[backend, variant] = SourceTimer(loader)
             per_epoch = len(loader)
             # At least 12 batches per repeat: a small dataset at batch 256 has only a few per epoch.
             warmup = args.warmup or max(per_epoch, 4)
             count = args.batches or max(per_epoch, 12)
-            streams[backend] = _forever(loader)
-            x, _ = next(streams[backend])
+            streams[backend, variant] = _forever(loader)
+            x, _ = next(streams[backend, variant])
             for _ in range(warmup):
-                next(streams[backend])
-            meta[backend] = {"batches_per_repeat": count, "warmup_batches": warmup, "batches_per_epoch": per_epoch,
-                             "dtype": str(x.dtype).replace("torch.", ""),
-                             "channels_last": x.is_contiguous(memory_format=torch.channels_last)}
+                next(streams[backend, variant])
+            meta[backend, variant] = {"batches_per_repeat": count, "warmup_batches": warmup,
+                                      "batches_per_epoch": per_epoch, "dtype": str(x.dtype).replace("torch.", ""),
+                                      "channels_last": x.is_contiguous(memory_format=torch.channels_last)}
             del loader, x
-        rates = {backend: [] for backend in backends}
-        per_cpu = {backend: [] for backend in backends}
+        rates = {mode: [] for mode in modes}
+        per_cpu = {mode: [] for mode in modes}
         for _ in range(args.repeats):
-            for backend in backends:
-                rate, cpu_rate = _timed(streams[backend], meta[backend]["batches_per_repeat"], device)
-                rates[backend].append(rate)
-                per_cpu[backend].append(cpu_rate)
-        for backend in backends:
-            r, c = rates[backend], per_cpu[backend]
-            rows.append({"backend": backend, "split": split, "images_per_s": statistics.median(r),
-                         "min_images_per_s": min(r), "max_images_per_s": max(r),
-                         "images_per_cpu_s": statistics.median(c), "repeats": len(r),
-                         "all_images_per_s": r, "all_images_per_cpu_s": c, **meta[backend]})
-            print(f"{backend:12s} {split:5s} {statistics.median(r):9.1f} img/s  (min {min(r):.1f}, max {max(r):.1f}, "
-                  f"{len(r)} x {meta[backend]['batches_per_repeat']} batches)  {statistics.median(c):8.1f} img/CPU-s",
-                  flush=True)
+            for mode in modes:
+                rate, cpu_rate = _timed(streams[mode], meta[mode]["batches_per_repeat"], device)
+                rates[mode].append(rate)
+                per_cpu[mode].append(cpu_rate)
+        for backend, variant in modes:
+            r, c = rates[backend, variant], per_cpu[backend, variant]
+            row = {"backend": backend, "split": split, "variant": variant, "images_per_s": statistics.median(r),
+                   "min_images_per_s": min(r), "max_images_per_s": max(r), "images_per_cpu_s": statistics.median(c),
+                   "repeats": len(r), "all_images_per_s": r, "all_images_per_cpu_s": c, **meta[backend, variant]}
+            if (backend, variant) in timers:
+                row["source_ms_per_batch"] = timers[backend, variant].ms_per_batch()
+            rows.append(row)
+            print(f"{backend:12s} {split:5s} {variant:5s} {statistics.median(r):9.1f} img/s  (min {min(r):.1f}, "
+                  f"max {max(r):.1f}, {len(r)} x {meta[backend, variant]['batches_per_repeat']} batches)  "
+                  f"{statistics.median(c):8.1f} img/CPU-s", flush=True)
         streams.clear()  # ends the generators, so the loaders and their workers / pipelines go
         gc.collect()
     for split in splits:
-        by_backend = {r["backend"]: r for r in rows if r["split"] == split}
-        if len(by_backend) == 2:
-            ratio = by_backend["dali"]["images_per_s"] / by_backend["torchvision"]["images_per_s"]
-            cpu_ratio = by_backend["dali"]["images_per_cpu_s"] / by_backend["torchvision"]["images_per_cpu_s"]
-            for r in by_backend.values():
+        product = {r["backend"]: r for r in rows if r["split"] == split and r["variant"] != "fused"}
+        if len(product) == 2:
+            ratio = product["dali"]["images_per_s"] / product["torchvision"]["images_per_s"]
+            cpu_ratio = product["dali"]["images_per_cpu_s"] / product["torchvision"]["images_per_cpu_s"]
+            for r in product.values():
                 r["dali_over_torchvision"] = ratio
                 r["dali_over_torchvision_per_cpu_s"] = cpu_ratio
             print(f"{split}: DALI / torchvision = {ratio:.2f}x in images/s, {cpu_ratio:.2f}x in images per CPU-second")
+        for backend in backends:
+            pair = {r["variant"]: r for r in rows if r["split"] == split and r["backend"] == backend}
+            if "plan" in pair and "fused" in pair:
+                ratio = pair["plan"]["images_per_s"] / pair["fused"]["images_per_s"]
+                cpu_ratio = pair["plan"]["images_per_cpu_s"] / pair["fused"]["images_per_cpu_s"]
+                pair["plan"]["plan_over_fused"] = ratio
+                pair["plan"]["plan_over_fused_per_cpu_s"] = cpu_ratio
+                print(f"{split} {backend}: plan / fused = {ratio:.3f}x in images/s, {cpu_ratio:.3f}x per CPU-second")
     settings = {"data": os.path.abspath(args.data), "num_files": num_files, "mean_file_kib": mean_kib,
                 "split_sizes": sizes, "device": str(device), "workers": args.workers, "batch": batch,
                 "image_size": args.image_size, "eval_resize": cfg.data.resolved_eval_resize,
