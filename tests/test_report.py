@@ -20,9 +20,10 @@ from PIL import Image
 
 pytest.importorskip("matplotlib")
 
+from tiny import make_trainer, tiny_config  # noqa: E402
+
 from fastmeal import cli  # noqa: E402
 from fastmeal.report import FIGURES, ReportError, eta_seconds, load_run, require_pyplot, write_report  # noqa: E402
-from tiny import make_trainer, tiny_config  # noqa: E402
 
 ACCURACY_AXES = ["Validation top-1 (%)", "Validation top-5 (%)"]
 THROUGHPUT_AXES = ["Training throughput (img/s)", "Data wait (% of wall time)"]
