@@ -281,6 +281,9 @@ def _finite(value: Any) -> bool:
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """``{dotted key: JSON value}``; lists of tables get an index (``model.teachers.0.weights``)."""
+    if isinstance(tree, list) and tree and all(isinstance(v, dict) for v in tree):
+        tree = {str(i): v for i, v in enumerate(tree)}
     if isinstance(tree, dict):
         out: dict[str, str] = {}
         for k, v in tree.items():
@@ -299,10 +302,14 @@ def config_differences(runs: Sequence[Run]) -> list[str]:
 
 
 def _short_value(value: str | None, limit: int = 28) -> str:
+    """A JSON value for a legend or a table cell: strings unquoted, long ones cut (paths keep their end)."""
     if value is None:
         return "—"
-    value = value.strip('"')
-    return value if len(value) <= limit else value[:limit - 1] + "…"
+    if value.startswith('"'):
+        value = json.loads(value) or "''"
+    if len(value) <= limit:
+        return value
+    return "…" + value[-(limit - 1):] if "/" in value else value[:limit - 1] + "…"
 
 
 def label_runs(runs: Sequence[Run]) -> list[str]:
@@ -311,9 +318,11 @@ def label_runs(runs: Sequence[Run]) -> list[str]:
     if len(set(names)) < len(names):  # same basename in different places: add the parent
         names = [f"{r.path.parent.name}/{r.path.name}" for r in runs]
     diffs = config_differences(runs)
-    for run, name in zip(runs, names, strict=True):
-        flat = _flatten(run.config or {})
-        shown = [f"{k}={_short_value(flat.get(k))}" for k in diffs[:2]] + (["…"] if len(diffs) > 2 else [])
+    flats = [_flatten(r.config or {}) for r in runs]
+    # The legend names at most two differences with short values (LRs, modes; not paths); the tables have all.
+    legend = [k for k in diffs if max(len(f.get(k) or "") for f in flats) <= 20][:2] or diffs[:1]
+    for run, name, flat in zip(runs, names, flats, strict=True):
+        shown = [f"{k}={_short_value(flat.get(k))}" for k in legend] + (["…"] if len(diffs) > len(legend) else [])
         run.name, run.label = name, name + (f" ({', '.join(shown)})" if shown else "")
     return diffs
 
