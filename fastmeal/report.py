@@ -16,13 +16,15 @@ them. A run still in progress (or killed) is reported on what it has written, wi
 partial last line in ``metrics.jsonl`` (a killed writer) is skipped with a warning.
 
 matplotlib is optional (``pip install 'fastmeal[report]'``) and imported only here, with the Agg
-backend (no display). PNGs carry no version or date stamp, so the same data gives the same bytes.
+backend (no display). PNGs are 256-colour and carry no version or date stamp: the same data gives the
+same bytes.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 import logging
 import math
@@ -111,18 +113,30 @@ def require_pyplot():
 
 
 def save_png(fig: Any, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> Path:
-    """Write ``fig`` as PNG atomically and close it.
+    """Write ``fig`` as a small PNG atomically and close it.
 
-    No version stamp (the same drawing gives the same bytes); the visible axes' titles go into the
-    PNG's ``Axes`` text field, one per line, so that tools and tests can tell what a file shows.
+    Line plots need few colours: the image is reduced to a 256-colour palette (median cut, no
+    dithering: deterministic), a third of the RGBA size. There is no version or date stamp, so the
+    same drawing gives the same bytes. The visible axes' titles go into the PNG's ``Axes`` text
+    field, one per line, so that tools and tests can tell what a file shows.
     """
+    from PIL import Image, PngImagePlugin
+
     plt = require_pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
     titles = "\n".join(ax.get_title() for ax in fig.axes if ax.get_visible() and ax.get_title())
-    fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None, "Axes": titles, **(metadata or {})})
     plt.close(fig)
+    buffer.seek(0)
+    image = Image.open(buffer).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT,
+                                                        dither=Image.Dither.NONE)
+    info = PngImagePlugin.PngInfo()
+    for key, value in {"Axes": titles, **(metadata or {})}.items():
+        info.add_text(key, value)
+    tmp = path.with_name(path.name + ".tmp")
+    image.save(tmp, format="PNG", pnginfo=info, optimize=True)
     os.replace(tmp, path)
     return path
 
