@@ -142,6 +142,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from fastmeal.report import ReportError, write_report
+
+    _setup_logging()
+    try:
+        report = write_report(args.run_dirs, args.out)
+    except ReportError as err:
+        return _report_user_error(err)
+    for run in report.runs:
+        print(f"{run.name}: {next(r for r in report.rows if r['run'] == run.name)['status']}")
+    print(f"report written to {report.html} (figures: {', '.join(p.name for p in report.figures.values())}; "
+          f"summary: {report.markdown.name})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastmeal", description="Fast, faithful MEAL V2 distillation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -198,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=cmd_eval)
+
+    report = sub.add_parser("report", help="figures, report.html and report.md of run dirs (needs matplotlib)")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run dirs (runtime.run_dir); several share "
+                        "the axes, labelled by the config values that differ")
+    report.add_argument("--out", metavar="DIR", help="output folder (default RUN_DIR/report, ./report for several)")
+    report.set_defaults(func=cmd_report)
 
     demo = sub.add_parser("demo", help="end to end on the CPU: synthetic data, two teachers, a baseline, MEAL V2")
     demo.add_argument("--out", default="demo_out", help="output folder (default demo_out)")

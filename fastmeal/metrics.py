@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -147,9 +147,32 @@ class MetricsWriter:
             self._tb = None
 
 
-def read_jsonl(path: str | os.PathLike, kind: str | None = None) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` file, optionally only those of one ``kind``."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def read_jsonl(path: str | os.PathLike, kind: str | None = None, *,
+               on_bad_line: Callable[[int, str], None] | None = None) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file, optionally only those of one ``kind``.
+
+    Args:
+        path: the file.
+        kind: keep only records of this ``kind``.
+        on_bad_line: called with ``(line_number, line)`` (1-based) for each line that is not a JSON
+            object, which is then skipped (a killed run leaves a partial last line); None raises.
+    """
+    rows = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if on_bad_line is None:
+                raise
+            row = None
+        if not isinstance(row, dict):
+            if on_bad_line is None:
+                raise ValueError(f"{path}: line {number} is not a JSON object")
+            on_bad_line(number, line)
+            continue
+        rows.append(row)
     return [r for r in rows if kind is None or r.get("kind") == kind]
 
 
