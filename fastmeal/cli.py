@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import errno
 import json
+import logging
 import os
 import sys
 import traceback
@@ -59,14 +60,28 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is at the time of each record (not the one of
+    the first call): ``main`` may run several times in one process (tests, notebooks)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # noqa: ANN201 - logging.StreamHandler's attribute
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001
+        pass
+
+
 def _setup_logging() -> None:
     """INFO lines from rank 0, warnings only from the other ranks (STYLE: one rank-0 logger)."""
-    import logging
-
     level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
     logger = logging.getLogger("fastmeal")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
         logger.addHandler(handler)
     logger.setLevel(level)
