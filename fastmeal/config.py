@@ -225,9 +225,15 @@ class RuntimeConfig:
     keep_last: int = 3
     resume: str = ""  # "" | auto | path to a checkpoint
     max_steps_per_epoch: int = 0  # 0 = the whole epoch; >0 truncates (smoke runs, benchmarks)
+    # torch.compile of the student's step (student, loss and discriminator; forward and backward): auto = on
+    # CUDA, off on the CPU (Inductor's CPU build costs minutes there). A compile failure falls back to eager.
+    compile: str = "auto"  # auto | on | off
+    # cuDNN autotuning: the batch shapes are fixed (the teachers' graphs pad the last batch), so it pays once.
+    cudnn_benchmark: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("runtime.device", self.device, ("auto", "cpu", "cuda"))
+        _check_choice("runtime.compile", self.compile, ("auto", "on", "off"))
         _check_positive("runtime.checkpoint_every_steps", self.checkpoint_every_steps, allow_zero=True)
         _check_positive("runtime.keep_last", self.keep_last)
         _check_positive("runtime.max_steps_per_epoch", self.max_steps_per_epoch, allow_zero=True)

@@ -183,6 +183,7 @@ def test_train_crop_and_flip_statistics(ramp_root, backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.dali
 def test_gpu_val_matches_cpu_twin(photo_root):
     """nvJPEG (libjpeg's upsampling asked for) + GPU resize vs the CPU graph; fp16 output."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
@@ -204,6 +205,7 @@ def test_gpu_val_matches_cpu_twin(photo_root):
 
 
 @pytest.mark.gpu
+@pytest.mark.dali
 def test_gpu_train_statistics_match_the_spec(ramp_root):
     cfg = _cfg(ramp_root, "dali", **{"precision.mode": "amp", "teacher_engine.dtype": "fp16"})
     loader = build_loader(cfg, "train", device=torch.device("cuda"))
