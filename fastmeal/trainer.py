@@ -401,9 +401,10 @@ class Trainer:
         self.compiled = False
         self.train_model = self.eager_model
         self.optimizer.zero_grad(set_to_none=True)  # a backward that failed half-way may have left gradients
-        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+        # The first lines: torch's wrappers put the cause on the line after "backend=... raised:".
+        head = " ".join(line.strip() for line in str(err).splitlines() if line.strip())[:400]
         log.warning("torch.compile of the student's step failed (%s: %s); continuing eagerly "
-                    "(runtime.compile=off skips the attempt)", type(err).__name__, first)
+                    "(runtime.compile=off skips the attempt)", type(err).__name__, head)
 
     # ---------------------------------------------------------------------------- epochs
 
