@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastmeal.metrics import read_jsonl
+from fastmeal.metrics import format_duration, read_jsonl
 
 log = logging.getLogger("fastmeal.report")
 
@@ -277,9 +277,9 @@ def _last_per(records: Iterable[dict[str, Any]], key: str) -> list[dict[str, Any
 def _to_percent(records: list[dict[str, Any]], keys: Sequence[str], decide_by: str | None = None) -> None:
     """Scale accuracies written as fractions to percent, in place.
 
-    The trainer writes ``train_top1`` as a fraction and the val accuracies in percent (a later
-    version may unify them). A series whose values all lie in [0, 1] is read as fractions: for
-    ``decide_by`` (top-5, never below top-1) that misreads only a run whose top-5 never passed 1%.
+    The trainer writes every accuracy in percent; before that, ``train_top1`` was a fraction. There
+    is no unit in the file, so a series whose values all lie in [0, 1] is read as fractions. That
+    misreads only a run whose train top-1 (or, for ``decide_by``, val top-5) never passed 1%.
     """
     probe = [r[decide_by or keys[0]] for r in records if _finite(r.get(decide_by or keys[0]))]
     if not probe or max(probe) > 1.0:
@@ -429,18 +429,6 @@ def eta_seconds(run: Run, window: int = 20) -> float | None:
     evals = [r["val_seconds"] for r in run.epochs if _finite(r.get("val_seconds"))]
     eval_left = (sum(evals) / len(evals) if evals else 0.0) * (total - run.epochs_done)
     return steps_left * seconds / steps + eval_left
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days} d {hours} h"
-    if hours:
-        return f"{hours} h {minutes:02d} min"
-    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
 
 def run_status(run: Run) -> str:
