@@ -23,6 +23,7 @@ same bytes.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
@@ -194,13 +195,19 @@ class Run:
     def finished(self) -> bool:
         return self.total_epochs is not None and self.epochs_done >= self.total_epochs
 
+    @functools.cached_property
     def steps_per_epoch(self) -> int | None:
-        """Steps of the last complete epoch (``runtime.max_steps_per_epoch`` before any epoch ended)."""
+        """Steps of a complete epoch (the most logged in one; ``runtime.max_steps_per_epoch`` before any ended)."""
         done = {r["epoch"] for r in self.epochs}
         steps = [r["step"] for r in self.train if r.get("epoch") in done and "step" in r]
         if steps:
             return max(steps)
         return int(self.cfg("runtime.max_steps_per_epoch", 0) or 0) or None
+
+    @functools.cached_property
+    def axis_steps(self) -> int:
+        """Steps that make one epoch on the plots' epoch axis (before an epoch ended: the most logged so far)."""
+        return self.steps_per_epoch or max((r.get("step", 0) for r in self.train), default=1) or 1
 
     def lr_regime(self) -> list[tuple[int, int, float]]:
         """``(first_epoch, end_epoch, lr)`` spans over the run's schedule (from its config, else its records)."""
@@ -372,7 +379,7 @@ def find_initial_top1(run: Run) -> tuple[float, str] | None:
 
 def epoch_position(run: Run, record: dict[str, Any]) -> float:
     """A train record's place on the epoch axis: ``epoch + step / steps_per_epoch``."""
-    steps = run.steps_per_epoch() or max((r.get("step", 0) for r in run.train), default=1) or 1
+    steps = run.axis_steps
     return record.get("epoch", 0) + record.get("step", steps) / steps
 
 
@@ -410,7 +417,7 @@ def eta_seconds(run: Run, window: int = 20) -> float | None:
     None when the run is finished, or when it is not yet known (no config, or no epoch finished
     and no ``runtime.max_steps_per_epoch`` to tell the epoch's length).
     """
-    total, steps_per_epoch = run.total_epochs, run.steps_per_epoch()
+    total, steps_per_epoch = run.total_epochs, run.steps_per_epoch
     if run.finished or total is None or not steps_per_epoch or not run.train:
         return None
     seconds = steps = 0.0
@@ -438,7 +445,7 @@ def run_status(run: Run) -> str:
         return f"finished ({run.epochs_done} epochs)"
     where = f"{run.epochs_done}/{total if total is not None else '?'} epochs done"
     if run.train and run.train[-1].get("epoch", 0) >= run.epochs_done:
-        steps = run.steps_per_epoch()
+        steps = run.steps_per_epoch
         where += f", epoch {run.train[-1]['epoch']} at step {run.train[-1].get('step', '?')}/{steps or '?'}"
     eta = eta_seconds(run)
     if eta is None:
