@@ -468,7 +468,8 @@ def summary_rows(runs: Sequence[Run]) -> list[dict[str, str]]:
             "paper top-1": _pct(paper.top1) if paper else "—",
             "vs paper": f"{top1 - paper.top1:+.2f}" if paper and _finite(top1) else "—",
             "start top-1": _pct(run.initial_top1[0]) if run.initial_top1 else "—",
-            "img/s": f"{rate:.1f}" if rate else "—", "data wait": _pct(100 * wait) if wait is not None else "—",
+            "mean img/s": f"{rate:.1f}" if rate else "—",
+            "data wait %": _pct(100 * wait) if wait is not None else "—",
             "peak mem": f"{mem:.1f} GiB" if mem is not None else "— (not CUDA)",
         })
     return rows
@@ -691,7 +692,8 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
 
 
 _CAPTIONS = {
-    "accuracy": "Validation accuracy per epoch; the paper's numbers in black; LR regime shaded.",
+    "accuracy": "Validation accuracy per epoch; the paper's numbers in black (paper presets); star: the "
+                "student before training; LR regime shaded.",
     "loss": "Loss parts per logging interval (thin lines) and their epoch means (markers); LR regime shaded.",
     "throughput": "Training images/s and data wait per logging interval; dashed: the means after warm-up.",
 }
