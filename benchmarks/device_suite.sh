@@ -113,7 +113,7 @@ print('cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is
 PY
 }
 
-run_pytest() {
+run_pytest_gpu() {
   # --continue-on-collection-errors: a file that fails to import is reported, the other files still run.
   "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
     --junitxml="$OUT/pytest_gpu.xml" tests

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -29,6 +30,8 @@ def _check_choice(name: str, value: Any, allowed: Iterable[Any]) -> None:
 
 
 def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} must be a finite number")
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
@@ -224,6 +227,8 @@ class RuntimeConfig:
     checkpoint_every_steps: int = 0  # 0 = at the end of every epoch only
     keep_last: int = 3
     resume: str = ""  # "" | auto | path to a checkpoint
+    # A run dir that holds another run's checkpoints or metrics (without resume): error | overwrite | new
+    if_exists: str = "error"
     max_steps_per_epoch: int = 0  # 0 = the whole epoch; >0 truncates (smoke runs, benchmarks)
     # torch.compile of the student's step (student, loss and discriminator; forward and backward): auto = on
     # CUDA, off on the CPU (Inductor's CPU build costs minutes there). A compile failure falls back to eager.
@@ -234,6 +239,7 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         _check_choice("runtime.device", self.device, ("auto", "cpu", "cuda"))
         _check_choice("runtime.compile", self.compile, ("auto", "on", "off"))
+        _check_choice("runtime.if_exists", self.if_exists, ("error", "overwrite", "new"))
         _check_positive("runtime.checkpoint_every_steps", self.checkpoint_every_steps, allow_zero=True)
         _check_positive("runtime.keep_last", self.keep_last)
         _check_positive("runtime.max_steps_per_epoch", self.max_steps_per_epoch, allow_zero=True)
@@ -370,14 +376,16 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} must be a number")
         try:
-            if tp is int:
-                number = float(value)
-                if number != int(number):
-                    raise ValueError
-                return int(number)
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"{key}={value!r} must be {'an integer' if tp is int else 'a number'}") from err
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}={value!r} must be a finite number")
+        if tp is int:
+            if number != int(number):
+                raise ConfigError(f"{key}={value!r} must be an integer")
+            return int(number)
+        return number
     if tp is str:
         if not isinstance(value, str | int | float):
             raise ConfigError(f"{key}={value!r} must be a string")

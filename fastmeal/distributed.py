@@ -177,7 +177,8 @@ def ignore_preemption_signals(worker_id: int = 0) -> None:  # noqa: ARG001 - Dat
     job step, so the loader's workers get the rank's preemption signal too. torch's worker dies on a
     SIGTERM that does not come from its parent, and the rank's SIGCHLD handler then raises in the
     middle of the step, before the checkpoint. The rank handles the signal (:class:`PreemptionHandler`);
-    its workers end when it shuts its loaders down, or when it exits (they watch their parent).
+    its workers end when it closes its loaders (``fastmeal.data.close_loaders``, on every exit path), and
+    the kernel kills them when the rank dies (``PR_SET_PDEATHSIG``), so none is left behind.
     """
     import signal
 
@@ -185,6 +186,25 @@ def ignore_preemption_signals(worker_id: int = 0) -> None:  # noqa: ARG001 - Dat
         signum = getattr(signal, name, None)
         if signum is not None:
             signal.signal(signum, signal.SIG_IGN)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel SIGKILLs this process when its parent dies, however it dies (SIGKILL included).
+
+    A worker that ignores SIGTERM would otherwise outlive a rank killed by a signal as an orphan.
+    """
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+    except (OSError, AttributeError):  # not Linux: the worker's own parent watchdog remains
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(0)
 
 
 class PreemptionHandler:
@@ -210,20 +230,26 @@ class PreemptionHandler:
 
         if threading.current_thread() is not threading.main_thread():
             return self  # signal handlers can only be set from the main thread (e.g. not under some test runners)
-        for name in self.SIGNALS:
-            signum = getattr(signal, name, None)
-            if signum is not None:
-                self._previous[signum] = signal.signal(signum, self._on_signal)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if not self._previous:  # idempotent: `fastmeal train` installs it before set-up, the hook again
+            for name in self.SIGNALS:
+                signum = getattr(signal, name, None)
+                if signum is not None:
+                    self._previous[signum] = signal.signal(signum, self._on_signal)
+        # The agreement group needs the process group, which may start after the handlers are installed.
+        if self._group is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
         return self
+
+    def finish(self) -> None:
+        """Wait for the agreement all-reduce still in flight, if any: none may outlive the process group."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
 
     def uninstall(self) -> None:
         import signal
 
-        if self._pending is not None:  # no collective is left in flight when the process group goes
-            self._pending[0].wait()
-            self._pending = None
+        self.finish()
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()

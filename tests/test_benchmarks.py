@@ -138,8 +138,61 @@ def test_readme_table_is_generated_from_the_committed_results():
     readme = (BENCHMARKS / "README.md").read_text()
     assert summarize.BEGIN in readme and summarize.END in readme
     generated = readme.split(summarize.BEGIN, 1)[1].split(summarize.END, 1)[0].strip()
-    expected = summarize.render(summarize.load_results(results), results).strip()
-    assert generated == expected, "run: python benchmarks/summarize.py benchmarks/results --readme benchmarks/README.md"
+    expected = summarize.render(summarize.load_results(results), results, BENCHMARKS / "figures", BENCHMARKS).strip()
+    assert generated == expected, REGENERATE
+
+
+REGENERATE = ("run: python benchmarks/summarize.py benchmarks/results --readme benchmarks/README.md "
+              "--plot benchmarks/figures")
+
+
+def test_readme_figures_were_drawn_from_the_committed_results():
+    # Pixels depend on the matplotlib and FreeType versions; the JSON a figure was drawn from does not.
+    from PIL import Image
+
+    docs = [(path, doc) for path, doc in summarize.load_results(BENCHMARKS / "results") if summarize.plottable(doc)]
+    assert docs
+    figures = BENCHMARKS / "figures"
+    for path, _ in docs:
+        png = figures / summarize.figure_name(path)
+        assert png.exists(), f"{png} is missing; {REGENERATE}"
+        drawn_from = Image.open(png).text.get("Source-SHA256")
+        assert drawn_from == summarize.source_sha256(path), f"{png} is stale; {REGENERATE}"
+    expected = {summarize.figure_name(path) for path, _ in docs}
+    assert {p.name for p in figures.glob("*.png")} == expected, f"figures without a result; {REGENERATE}"
+
+
+def test_plot_draws_any_modes_and_batches(tmp_path):
+    # A device result as it will look once the bank mode exists: three modes, two batches.
+    pytest.importorskip("matplotlib")
+    import numpy as np
+    from PIL import Image
+
+    rows = []
+    for batch in (64, 128):
+        for mode, rate in (("reference", 300.0), ("fastmeal", 1200.0), ("bank", 3500.0)):
+            rows.append({"mode": mode, "batch": batch, "images_per_s": rate, "images_per_s_min": 0.9 * rate,
+                         "images_per_s_max": 1.1 * rate, "step_images_per_s": 1.2 * rate, "mfu_pct": rate / 100,
+                         "step_mfu_pct": rate / 90, "speedup_vs_ref": rate / 300.0,
+                         **{f"ms_{p}": 1000 * batch / rate / 7 for p in summarize.PHASES}})
+    result = tmp_path / "results" / "train_step_h100.json"
+    result.parent.mkdir()
+    result.write_text(json.dumps({"benchmark": "train_step", "device": "NVIDIA H100", "commit": "0" * 40,
+                                  "rows": rows, "notes": []}))
+    docs = summarize.load_results(result.parent)
+    (png,) = summarize.plot_results(docs, tmp_path / "figures")
+    image = Image.open(png)
+    assert image.text["Axes"].splitlines() == ["End-to-end images/s by mode and batch",
+                                               "Step time by phase (ms, synchronised pass)",
+                                               "MFU (% of the measured matmul peak)"]
+    assert image.text["Source-SHA256"] == summarize.source_sha256(result)
+    assert np.asarray(image.convert("L"), dtype=float).std() > 10
+    # Drawn again from the same JSON: the same bytes (no date or version stamp).
+    first = png.read_bytes()
+    summarize.plot_results(docs, tmp_path / "figures")
+    assert png.read_bytes() == first
+    text = summarize.render(docs, result.parent, tmp_path / "figures", tmp_path)
+    assert "![train_step on NVIDIA H100](figures/train_step_h100.png)" in text
 
 
 def test_device_suite_is_valid_bash():

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmeal.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
-from fastmeal.config import build_config
+from fastmeal.config import ConfigError, build_config
 from fastmeal.losses import meal_v2_loss
 from fastmeal.metrics import read_jsonl
 from fastmeal.models.discriminator import Discriminator
@@ -283,11 +283,10 @@ def test_killed_checkpoint_write_leaves_the_previous_one_and_resume_auto_uses_it
     assert leftovers == [f".ckpt-000000015.pt.tmp-{proc.pid}"]
     assert not (directory / "ckpt-000000015.pt").exists()
 
-    # And a newest file that was truncated after the fact (a bad copy): detected by its digest.
+    # And a newest file that was truncated after the fact (a bad copy).
     newest = (directory / "ckpt-000000010.pt").read_bytes()
     (directory / "ckpt-000000020.pt").write_bytes(newest[: len(newest) // 3])
-    (directory / "ckpt-000000020.pt.sha256").write_text((directory / "ckpt-000000010.pt.sha256").read_text())
-    with pytest.raises(CheckpointError, match="damaged or truncated"):
+    with pytest.raises(CheckpointError, match="truncated"):
         load_checkpoint(directory / "ckpt-000000020.pt")
 
     resumed = make_trainer(tiny_config(tmp_path, **{"schedule.epochs": 3}), seed=4)
@@ -295,6 +294,7 @@ def test_killed_checkpoint_write_leaves_the_previous_one_and_resume_auto_uses_it
         used = resumed.resume("auto")
     assert used == directory / "ckpt-000000010.pt"
     assert "ckpt-000000020.pt" in caplog.text and "damaged" in caplog.text
+    assert (directory / "damaged-ckpt-000000020.pt").is_file()  # kept, out of the way of resume and pruning
     assert_same_training_state(first, resumed)
     resumed.fit()  # removes the stale temporary file, trains epoch 2
     assert not [p for p in directory.iterdir() if ".tmp-" in p.name]
@@ -499,7 +499,7 @@ def test_tensorboard_request_without_tensorboard_names_the_install(tmp_path):
         import tensorboard  # noqa: F401
     except ImportError:
         trainer = make_trainer(tiny_config(tmp_path, **{"logging.tensorboard": "true"}))
-        with pytest.raises(RuntimeError, match="pip install tensorboard"):
+        with pytest.raises(ConfigError, match="pip install tensorboard"):
             trainer.fit()
     else:  # with TensorBoard installed, scalars are written next to the JSONL
         trainer = make_trainer(tiny_config(tmp_path, **{"logging.tensorboard": "true", "runtime.max_steps_per_epoch": 1,
