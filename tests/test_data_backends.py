@@ -242,4 +242,4 @@ def test_gpu_batches_stay_intact_while_kernels_queued_on_them_run_late(photo_roo
     assert got.shape == twin.shape
     per_image = (got - twin).abs().mean((1, 2, 3))
     print(f"late copies vs CPU twin: worst image mean |diff| {per_image.max():.5f}")
-    assert per_image.max() < 0.5 * LEVEL  # another image's pixels would differ by ~1 (normalised units)
+    assert per_image.max() < 2 * LEVEL  # another image's pixels would differ by ~1 (normalised units)
