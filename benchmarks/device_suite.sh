@@ -47,9 +47,9 @@ QUICK=${FAST:+--quick}
 STEPS=(
   "versions          25  10"
   "pytest-gpu       110  45"
-  "data              40  20"
+  "data              45  20"
   "bench_train_step 150  70"
-  "bench_teachers    60  30"
+  "bench_teachers    55  30"
   "bench_kd_loss     35  20"
   "bench_loader      30  15"
 )
@@ -115,7 +115,8 @@ PY
 
 run_pytest_gpu() {
   # --continue-on-collection-errors: a file that fails to import is reported, the other files still run.
-  "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
+  # -v: one line per test as it finishes, so a step killed at its limit still shows what passed.
+  "$PY" -m pytest -v -m gpu -p no:cacheprovider --continue-on-collection-errors \
     --junitxml="$OUT/pytest_gpu.xml" tests
 }
 

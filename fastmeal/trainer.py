@@ -454,6 +454,9 @@ class Trainer:
 
     def _forward_backward(self, images: Tensor, teacher_logits: Tensor | None, labels: Tensor,
                           mix: tuple[float, Tensor] | None) -> dict[str, Tensor]:
+        if self.compiled and mix is not None:
+            # CutMix's λ as a 0-dim tensor: torch.compile specialises on a Python float, a new λ every step.
+            mix = (torch.tensor(mix[0], dtype=torch.float32), mix[1])
         # Compiled, the student's forward and the loss are one region (their own phases would break the graph).
         with phase("student_fwd") if self.compiled else contextlib.nullcontext():
             out = self.train_model(images, teacher_logits, labels, mix)
@@ -728,6 +731,7 @@ class Trainer:
         except (ValueError, KeyError) as err:
             raise CheckpointError(f"{source}: the optimiser state does not fit this run ({err}); was it written "
                                   "with another loss.mode or model?") from err
+        init_momentum_buffers(self.optimizer)  # a state saved before any step has none (see build_optimizer)
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
