@@ -730,7 +730,7 @@ def test_gpu_fp16_first_step_overflow_leaves_zero_momentum_and_the_next_step_is_
 def test_gpu_compiled_student_step_matches_eager_and_sets_cudnn_benchmark(tmp_path):
     torch._dynamo.reset()
     eager = _gpu_trainer(tmp_path / "e", **{"runtime.compile": "off", "precision.mode": "fp32"})
-    compiled = _gpu_trainer(tmp_path / "c", **{"precision.mode": "fp32"})  # runtime.compile=auto: on with CUDA
+    compiled = _gpu_trainer(tmp_path / "c", **{"precision.mode": "fp32", "runtime.compile": "auto"})  # on with CUDA
     assert compiled.compiled and torch.backends.cudnn.benchmark is True
     eager_losses, compiled_losses = _steps(eager), _steps(compiled)
     assert compiled.compiled, "torch.compile fell back to eager on the GPU (see the warning)"
