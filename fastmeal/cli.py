@@ -10,7 +10,7 @@ import os
 import sys
 import traceback
 
-from fastmeal.config import PRESETS, ConfigError, build_config, parse_set_args
+from fastmeal.config import PRESETS, ConfigError, build_config, parse_set_args, to_toml
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default_preset: str = "r50_224") -> None:
@@ -33,14 +33,8 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     if args.json:
         print(cfg.to_json())
         return 0
-    print(f"# preset {args.preset} (resolved)")
-    for section, values in cfg.to_dict().items():
-        if not isinstance(values, dict):
-            print(f"{section} = {values!r}")
-            continue
-        print(f"[{section}]")
-        for key, value in values.items():
-            print(f"  {key} = {json.dumps(value)}")
+    print(f"# preset {args.preset} (resolved); valid TOML: save it and pass it back with --config FILE.toml")
+    print(to_toml(cfg), end="")
     print(f"# lr regime: epoch 0: {cfg.lr_at(0)}"
           + "".join(f", epoch {e}: {lr}" for e, lr in cfg.schedule.lr_steps)
           + f"; eval: resize {cfg.data.resolved_eval_resize} -> crop {cfg.data.image_size}")

@@ -483,16 +483,58 @@ def load_file(path: str | Path) -> dict[str, Any]:
             import tomllib
         except ModuleNotFoundError:  # Python 3.10
             import tomli as tomllib
-        return tomllib.loads(text)
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path} is not valid TOML: {err} (e.g. [optim] then lr = 0.02; strings in "
+                              "quotes)") from None
     if path.suffix in (".yaml", ".yml"):
         try:
             import yaml
         except ModuleNotFoundError as err:
             raise ConfigError(f"{path}: YAML configs need PyYAML (pip install pyyaml); TOML works as is") from err
-        return yaml.safe_load(text) or {}
-    if path.suffix == ".json":
-        return json.loads(text)
-    raise ConfigError(f"{path}: unknown config format {path.suffix!r}; use .toml, .yaml/.yml or .json")
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+    elif path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path} is not valid JSON: {err}") from None
+    else:
+        raise ConfigError(f"{path}: unknown config format {path.suffix!r}; use .toml, .yaml/.yml or .json")
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path} must hold a table of sections (e.g. optim: {{lr: 0.02}}), not {type(data).__name__}")
+    return dict(data)
+
+
+def to_toml(cfg: Config) -> str:
+    """The whole config as TOML that ``--config FILE`` reads back to the same config."""
+    lines = []
+    plain = cfg.to_dict()
+    for key, value in plain.items():
+        if not isinstance(value, dict):
+            lines.append(f"{key} = {_toml_value(value)}")
+    for section, values in plain.items():
+        if isinstance(values, dict):
+            lines.append(f"\n[{section}]")
+            lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise ConfigError(f"cannot write {value!r} as TOML")
 
 
 # --------------------------------------------------------------------------------------------

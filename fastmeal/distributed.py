@@ -46,7 +46,9 @@ def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.devic
     if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("runtime.device=cuda was asked for but CUDA is not available; use runtime.device=cpu")
+        why = "built without CUDA" if torch.version.cuda is None else "no GPU visible"
+        raise ConfigError(f"runtime.device=cuda was asked for but CUDA is not available (torch {torch.__version__}, "
+                          f"{why}); use runtime.device=cpu (or auto)")
     return torch.device("cuda", local_rank)
 
 

@@ -45,6 +45,7 @@ from fastmeal.checkpoint import (
     restore_rng_state,
 )
 from fastmeal.config import Config
+from fastmeal.console import format_duration, progress_enabled
 from fastmeal.distributed import DistInfo, broadcast_buffers, check_ranks_agree, configure_device
 from fastmeal.evaluate import autocast_context, evaluate, resolve_precision
 from fastmeal.losses import meal_v2_loss
@@ -52,14 +53,12 @@ from fastmeal.metrics import (
     DeviceMeans,
     MetricsWriter,
     finite_json,
-    format_duration,
     jsonable,
-    progress_enabled,
     topk_correct,
 )
 from fastmeal.models.factory import load_state_dict_checked, model_num_classes
 from fastmeal.profiling import phase
-from fastmeal.rundir import RunDirError, RunDirLock, clear_run, previous_run
+from fastmeal.rundir import RunDirError, RunDirLock, RunDirVanishedError, clear_run, previous_run
 
 log = logging.getLogger("fastmeal.trainer")
 
@@ -304,6 +303,9 @@ class Trainer:
         if self.mode == "meal_v2" and teachers is None:
             raise SetupError("loss.mode=meal_v2 needs teachers (build_teachers); use loss.mode=ce for hard labels")
         self.teachers = teachers if self.mode == "meal_v2" else None
+        if cfg.loss.impl == "triton" and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise SetupError(f"loss.impl=triton runs its kernel on a CUDA GPU, and this run is on {self.device}; use "
+                             "loss.impl=auto (Triton on CUDA, PyTorch elsewhere) or loss.impl=torch")
         self.train_loader, self.val_loader = train_loader, val_loader
         self._check_classes(student, train_loader, val_loader)
 
@@ -341,6 +343,7 @@ class Trainer:
                                              enabled=self.dist.is_main, export_dir=self.run_dir)
         self.lock = RunDirLock(self.run_dir)
         self._run_dir_open = False
+        self._saved_once = False
         self.writer = MetricsWriter(self.run_dir, enabled=False)  # fit() opens the real one (rank 0)
         self.epoch = 0
         self.step_in_epoch = 0
@@ -709,11 +712,17 @@ class Trainer:
         if not self.is_main:
             return None
         self.lock.check()
+        if self._saved_once and not self.checkpoints.directory.is_dir():
+            raise RunDirVanishedError(f"{self.checkpoints.directory} vanished while training (deleted?): stopping "
+                                      "without writing anything; the metrics in the run dir end at global step "
+                                      f"{self.global_step}")
         try:
             path = self.checkpoints.save(state, global_step=self.global_step, top1=top1)
         except FileNotFoundError:
             self.lock.check()  # deleted under our feet: say so rather than a bare missing temporary
-            raise
+            raise RunDirVanishedError(f"{self.checkpoints.directory} vanished during a save (deleted?): stopping "
+                                      "without a checkpoint of this step") from None
+        self._saved_once = True
         log.info("checkpoint %s (epoch %d, step %d in epoch, global step %d)", path, self.epoch, self.step_in_epoch,
                  self.global_step)
         return path

@@ -59,7 +59,7 @@ def test_single_process_needs_no_process_group(monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
 def test_cuda_request_without_cuda_fails_clearly():
     assert resolve_device("auto") == torch.device("cpu")
-    with pytest.raises(RuntimeError, match="runtime.device=cpu"):
+    with pytest.raises(ConfigError, match="runtime.device=cpu"):
         resolve_device("cuda")
 
 

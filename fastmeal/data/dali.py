@@ -307,12 +307,20 @@ class DaliLoader(LoaderBase):
         # io.file.read leaves no source info, so the decoder says "sample #k" without a name: the k-th
         # file of an in-flight batch (the oldest first), confirmed by PIL failing on it too.
         match = re.search(r"#(\d+)", message)
-        if match is None:
-            return None
-        k = int(match.group(1))
+        if match is not None:
+            k = int(match.group(1))
+            for batch in self._inflight:
+                if k < len(batch.samples):
+                    index = self._substitute.get(batch.samples[k], batch.samples[k])
+                    try:
+                        load_rgb(self.paths[index])
+                    except CorruptImageError:
+                        return index
+        # No name and no usable sample number (e.g. a text file named .JPEG: "no identifiable file"): the
+        # first in-flight file that PIL cannot decode either.
         for batch in self._inflight:
-            if k < len(batch.samples):
-                index = self._substitute.get(batch.samples[k], batch.samples[k])
+            for i in batch.samples:
+                index = self._substitute.get(i, i)
                 try:
                     load_rgb(self.paths[index])
                 except CorruptImageError:

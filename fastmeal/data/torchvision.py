@@ -113,6 +113,21 @@ def _collate(batch: list[tuple[torch.Tensor, int, tuple[str, ...]]]) -> tuple[to
     return images, labels, skipped
 
 
+def _worker_errors_named(loader: DataLoader) -> Iterator:
+    """Iterate ``loader``; a worker's CorruptImageError comes out with its own message, not the worker's traceback."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except CorruptImageError as err:
+            # torch re-raises a worker's exception with the whole worker traceback as its message.
+            last = str(err).strip().splitlines()[-1]
+            raise CorruptImageError(last.split(": ", 1)[1] if last.startswith("fastmeal.") else last) from None
+        yield batch
+
+
 class TorchvisionLoader(LoaderBase):
     """Batches ``(images [B,3,S,S] channels-last, labels [B] int64)`` on ``device`` (the Loader protocol)."""
 
@@ -171,7 +186,7 @@ class TorchvisionLoader(LoaderBase):
         # replay of the last order as a bare DistributedSampler would give.
         self.sampler.set_epoch(self._epoch)
         self._epoch += 1
-        for images, labels, skipped in self._loader:
+        for images, labels, skipped in _worker_errors_named(self._loader):
             for path in skipped:
                 if path not in self._skipped:
                     self._skipped.add(path)
