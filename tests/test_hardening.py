@@ -235,7 +235,8 @@ def test_a_second_run_into_a_finished_run_dir_is_refused_and_changes_nothing(fin
 
 def test_a_second_process_on_a_busy_run_dir_is_refused_naming_the_holder(data, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    first = start(train_args(data, run_dir, "schedule.epochs=200", "runtime.checkpoint_every_steps=1"))
+    # Far more epochs than it can finish while the second process starts on a loaded machine.
+    first = start(train_args(data, run_dir, "schedule.epochs=100000", "runtime.checkpoint_every_steps=1"))
     try:
         wait_for_train_record(run_dir, first)
         rc, _, err = run([*train_args(data, run_dir), "--resume", "auto"])
