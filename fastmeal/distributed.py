@@ -52,6 +52,16 @@ def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.devic
     return torch.device("cuda", local_rank)
 
 
+def configure_device(cudnn_benchmark: bool, device: torch.device) -> None:
+    """The process-wide CUDA settings of a run (``runtime.cudnn_benchmark``); nothing on the CPU.
+
+    Set before the teachers' CUDA graphs are captured (their warm-up is where cuDNN autotunes) and again
+    by the trainer, so ``fastmeal train`` and the benchmarks run the convolutions the same way.
+    """
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+
+
 def init_distributed(device_preference: str = "auto") -> DistInfo:
     """Join the process group that torchrun describes in the environment (RANK, WORLD_SIZE, ...)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -61,7 +71,10 @@ def init_distributed(device_preference: str = "auto") -> DistInfo:
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            # device_id binds the group to this rank's GPU: NCCL connects now, not lazily inside the first step.
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo")
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
@@ -211,6 +224,7 @@ class PreemptionHandler:
         self.signal_name: str | None = None
         self._previous: dict[int, object] = {}
         self._group = None
+        self._pending: tuple[Any, torch.Tensor] | None = None  # the all-reduce started by the last check
 
     def install(self) -> PreemptionHandler:
         import signal
@@ -228,9 +242,16 @@ class PreemptionHandler:
             self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
         return self
 
+    def finish(self) -> None:
+        """Wait for the agreement all-reduce still in flight, if any: none may outlive the process group."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
+
     def uninstall(self) -> None:
         import signal
 
+        self.finish()
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
@@ -241,12 +262,26 @@ class PreemptionHandler:
         self.signal_name = signal.Signals(signum).name
 
     def should_stop(self) -> bool:
-        """True on every rank once any rank has received a preemption signal."""
+        """True on every rank once any rank has received a preemption signal.
+
+        In a distributed run each call starts an asynchronous all-reduce of this rank's flag and reads
+        the one the previous call started, which has long finished: no call waits for the other ranks.
+        Every rank makes the same calls in the same order, so they all read the same value at the same
+        call, and a signal that reached any rank stops them all one call (one step) later.
+        """
         local = self.signal_name is not None
         if self._group is None:
             return local
+        stop = False
+        if self._pending is not None:
+            work, flag = self._pending
+            work.wait()
+            stop = bool(flag.item())  # a CPU tensor: no device sync
+        if stop:
+            self._pending = None
+            if self.signal_name is None:
+                self.signal_name = "peer"
+            return True
         flag = torch.tensor([1 if local else 0], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        if flag.item() and self.signal_name is None:
-            self.signal_name = "peer"
-        return bool(flag.item())
+        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flag)
+        return False

@@ -71,6 +71,7 @@ class PreemptionHook(TrainerHook):
                         trainer.global_step)
 
     def on_train_end(self, trainer: Trainer) -> None:
+        self.handler.finish()  # the last agreement exchange, before any barrier or the process group's end
         if self._owns_handler:
             self.handler.uninstall()
         if not self.stop_requested:

@@ -23,6 +23,7 @@ same bytes.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fastmeal.console import format_duration
 from fastmeal.metrics import read_jsonl
 
 log = logging.getLogger("fastmeal.report")
@@ -194,13 +196,19 @@ class Run:
     def finished(self) -> bool:
         return self.total_epochs is not None and self.epochs_done >= self.total_epochs
 
+    @functools.cached_property
     def steps_per_epoch(self) -> int | None:
-        """Steps of the last complete epoch (``runtime.max_steps_per_epoch`` before any epoch ended)."""
+        """Steps of a complete epoch (the most logged in one; ``runtime.max_steps_per_epoch`` before any ended)."""
         done = {r["epoch"] for r in self.epochs}
         steps = [r["step"] for r in self.train if r.get("epoch") in done and "step" in r]
         if steps:
             return max(steps)
         return int(self.cfg("runtime.max_steps_per_epoch", 0) or 0) or None
+
+    @functools.cached_property
+    def axis_steps(self) -> int:
+        """Steps that make one epoch on the plots' epoch axis (before an epoch ended: the most logged so far)."""
+        return self.steps_per_epoch or max((r.get("step", 0) for r in self.train), default=1) or 1
 
     def lr_regime(self) -> list[tuple[int, int, float]]:
         """``(first_epoch, end_epoch, lr)`` spans over the run's schedule (from its config, else its records)."""
@@ -277,9 +285,9 @@ def _last_per(records: Iterable[dict[str, Any]], key: str) -> list[dict[str, Any
 def _to_percent(records: list[dict[str, Any]], keys: Sequence[str], decide_by: str | None = None) -> None:
     """Scale accuracies written as fractions to percent, in place.
 
-    The trainer writes ``train_top1`` as a fraction and the val accuracies in percent (a later
-    version may unify them). A series whose values all lie in [0, 1] is read as fractions: for
-    ``decide_by`` (top-5, never below top-1) that misreads only a run whose top-5 never passed 1%.
+    The trainer writes every accuracy in percent; before that, ``train_top1`` was a fraction. There
+    is no unit in the file, so a series whose values all lie in [0, 1] is read as fractions. That
+    misreads only a run whose train top-1 (or, for ``decide_by``, val top-5) never passed 1%.
     """
     probe = [r[decide_by or keys[0]] for r in records if _finite(r.get(decide_by or keys[0]))]
     if not probe or max(probe) > 1.0:
@@ -372,7 +380,7 @@ def find_initial_top1(run: Run) -> tuple[float, str] | None:
 
 def epoch_position(run: Run, record: dict[str, Any]) -> float:
     """A train record's place on the epoch axis: ``epoch + step / steps_per_epoch``."""
-    steps = run.steps_per_epoch() or max((r.get("step", 0) for r in run.train), default=1) or 1
+    steps = run.axis_steps
     return record.get("epoch", 0) + record.get("step", steps) / steps
 
 
@@ -410,7 +418,7 @@ def eta_seconds(run: Run, window: int = 20) -> float | None:
     None when the run is finished, or when it is not yet known (no config, or no epoch finished
     and no ``runtime.max_steps_per_epoch`` to tell the epoch's length).
     """
-    total, steps_per_epoch = run.total_epochs, run.steps_per_epoch()
+    total, steps_per_epoch = run.total_epochs, run.steps_per_epoch
     if run.finished or total is None or not steps_per_epoch or not run.train:
         return None
     seconds = steps = 0.0
@@ -431,18 +439,6 @@ def eta_seconds(run: Run, window: int = 20) -> float | None:
     return steps_left * seconds / steps + eval_left
 
 
-def format_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days} d {hours} h"
-    if hours:
-        return f"{hours} h {minutes:02d} min"
-    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
-
-
 def run_status(run: Run) -> str:
     """``finished``, or where an unfinished run stands and when it should end."""
     total = run.total_epochs
@@ -450,7 +446,7 @@ def run_status(run: Run) -> str:
         return f"finished ({run.epochs_done} epochs)"
     where = f"{run.epochs_done}/{total if total is not None else '?'} epochs done"
     if run.train and run.train[-1].get("epoch", 0) >= run.epochs_done:
-        steps = run.steps_per_epoch()
+        steps = run.steps_per_epoch
         where += f", epoch {run.train[-1]['epoch']} at step {run.train[-1].get('step', '?')}/{steps or '?'}"
     eta = eta_seconds(run)
     if eta is None:
@@ -473,7 +469,8 @@ def summary_rows(runs: Sequence[Run]) -> list[dict[str, str]]:
             "paper top-1": _pct(paper.top1) if paper else "—",
             "vs paper": f"{top1 - paper.top1:+.2f}" if paper and _finite(top1) else "—",
             "start top-1": _pct(run.initial_top1[0]) if run.initial_top1 else "—",
-            "img/s": f"{rate:.1f}" if rate else "—", "data wait": _pct(100 * wait) if wait is not None else "—",
+            "mean img/s": f"{rate:.1f}" if rate else "—",
+            "data wait %": _pct(100 * wait) if wait is not None else "—",
             "peak mem": f"{mem:.1f} GiB" if mem is not None else "— (not CUDA)",
         })
     return rows
@@ -696,7 +693,8 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
 
 
 _CAPTIONS = {
-    "accuracy": "Validation accuracy per epoch; the paper's numbers in black; LR regime shaded.",
+    "accuracy": "Validation accuracy per epoch; the paper's numbers in black (paper presets); star: the "
+                "student before training; LR regime shaded.",
     "loss": "Loss parts per logging interval (thin lines) and their epoch means (markers); LR regime shaded.",
     "throughput": "Training images/s and data wait per logging interval; dashed: the means after warm-up.",
 }

@@ -46,7 +46,7 @@ from fastmeal.checkpoint import (
 )
 from fastmeal.config import Config
 from fastmeal.console import format_duration, progress_enabled
-from fastmeal.distributed import DistInfo, broadcast_buffers, check_ranks_agree
+from fastmeal.distributed import DistInfo, broadcast_buffers, check_ranks_agree, configure_device
 from fastmeal.evaluate import autocast_context, evaluate, resolve_precision
 from fastmeal.losses import meal_v2_loss
 from fastmeal.metrics import (
@@ -104,7 +104,30 @@ def build_optimizer(cfg: Config, model: DistillationModel, device: torch.device)
         return FusedSGD(groups, **kwargs)
     if o.impl == "auto":
         kwargs["fused" if device.type == "cuda" else "foreach"] = True
-    return torch.optim.SGD(groups, **kwargs)
+    optimizer = torch.optim.SGD(groups, **kwargs)
+    init_momentum_buffers(optimizer)
+    return optimizer
+
+
+@torch.no_grad()
+def init_momentum_buffers(optimizer: torch.optim.SGD) -> None:
+    """Give every parameter a zero momentum buffer before the first step (SGD with momentum, no dampening).
+
+    torch's fused SGD allocates the buffers of its first step with ``empty_like`` and lets the kernel fill
+    them; when a GradScaler finds an overflow on that step (fp16's first steps usually do) the kernel
+    returns early, ``SGD.step`` stores the unwritten buffers anyway, and the next step reads uninitialised
+    memory. With zeros there is no "first step": ``buf = momentum · 0 + grad`` is exactly the first-step
+    rule ``buf = grad`` (dampening is 0), so every implementation computes the same numbers as before.
+    """
+    for group in optimizer.param_groups:
+        if group["momentum"] == 0:
+            continue
+        if group.get("dampening", 0) != 0:
+            raise ValueError("zero-initialised momentum needs dampening 0 (the first step would differ)")
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -139,6 +162,22 @@ def cutmix_(images: Tensor) -> tuple[Tensor, float, Tensor]:
     images[:, :, y1:y2, x1:x2] = images[perm, :, y1:y2, x1:x2]
     lam = 1.0 - (y2 - y1) * (x2 - x1) / (height * width)
     return images, lam, perm
+
+
+def compile_enabled(setting: str, device: torch.device) -> bool:
+    """``runtime.compile``: ``on``, ``off``, or ``auto`` (on CUDA only)."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+# torch.compile's arguments for the student's step. dynamic=False: the batch shape is fixed (a kept partial
+# last batch compiles once more). Tests swap the backend for "aot_eager" (graph capture and AOT autograd,
+# without Inductor's code generation).
+COMPILE_OPTIONS: dict[str, Any] = {"dynamic": False}
+
+
+def _phase(name: str) -> contextlib.AbstractContextManager:
+    """:func:`phase` in eager code; nothing while torch.compile traces (the NVTX calls would break the graph)."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else phase(name)
 
 
 class DistillationModel(nn.Module):
@@ -180,9 +219,9 @@ class DistillationModel(nn.Module):
         Returns:
             Scalar fp32 loss parts and ``logits`` ``[B, C]``.
         """
-        with phase("student_fwd"), autocast_context(images.device, self.autocast_dtype):
+        with _phase("student_fwd"), autocast_context(images.device, self.autocast_dtype):
             logits = self.student(images)
-        with phase("loss"):
+        with _phase("loss"):
             if self.mode == "meal_v2":
                 if teacher_logits is None:
                     raise ValueError("loss.mode=meal_v2 needs teacher logits")
@@ -270,6 +309,7 @@ class Trainer:
         self.train_loader, self.val_loader = train_loader, val_loader
         self._check_classes(student, train_loader, val_loader)
 
+        configure_device(cfg.runtime.cudnn_benchmark, self.device)
         self.autocast_dtype, use_scaler = resolve_precision(cfg.precision.mode, self.device)
         self.memory_format = torch.channels_last if cfg.precision.channels_last else torch.contiguous_format
         student = student.to(self.device, memory_format=self.memory_format)
@@ -279,13 +319,21 @@ class Trainer:
                                        loss_impl=cfg.loss.impl, autocast_dtype=self.autocast_dtype)
         self.optimizer = build_optimizer(cfg, self.model, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
-        self.train_model: nn.Module = self.model
+        self.compiled = compile_enabled(cfg.runtime.compile, self.device)
+        self.eager_model: nn.Module = self.model
         if self.dist.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
             # BN statistics stay per GPU (SPEC: no SyncBN); D and the student share one all-reduce.
+            # gradient_as_bucket_view: gradients live in the all-reduce buckets (no copy in, no copy out).
+            # static_graph: every step uses every parameter the same way (no control flow on the step); not
+            # with torch.compile, whose DDP graph splitting has had known problems with it.
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = DistributedDataParallel(self.model, device_ids=device_ids)
+            self.eager_model = DistributedDataParallel(self.model, device_ids=device_ids, gradient_as_bucket_view=True,
+                                                       static_graph=not self.compiled)
+        # What train_step calls: the compiled step, until a compile failure falls back to eager_model.
+        self.train_model: nn.Module = (torch.compile(self.eager_model, **COMPILE_OPTIONS) if self.compiled
+                                       else self.eager_model)
 
         self.part_names = ("loss", "kd", "d", "kl") if self.mode == "meal_v2" else ("loss",)
         if self.mode == "meal_v2" and self.model.discriminator is None:
@@ -394,14 +442,41 @@ class Trainer:
         if self.teachers is not None:
             with phase("teachers"), torch.no_grad():
                 teacher_logits = self.teachers(images)
-        out = self.train_model(images, teacher_logits, labels, mix)
-        with phase("backward"):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(out["loss"]).backward()
+        if not self.compiled:
+            out = self._forward_backward(images, teacher_logits, labels, mix)
+        else:
+            try:
+                out = self._forward_backward(images, teacher_logits, labels, mix)
+            except Exception as err:  # noqa: BLE001 - any compile/codegen failure: the same step, eagerly
+                self._fall_back_to_eager(err)
+                out = self._forward_backward(images, teacher_logits, labels, mix)
         with phase("optimizer"):
             self.scaler.step(self.optimizer)
             self.scaler.update()
         return out
+
+    def _forward_backward(self, images: Tensor, teacher_logits: Tensor | None, labels: Tensor,
+                          mix: tuple[float, Tensor] | None) -> dict[str, Tensor]:
+        if self.compiled and mix is not None:
+            # CutMix's λ as a 0-dim tensor: torch.compile specialises on a Python float, a new λ every step.
+            mix = (torch.tensor(mix[0], dtype=torch.float32), mix[1])
+        # Compiled, the student's forward and the loss are one region (their own phases would break the graph).
+        with phase("student_fwd") if self.compiled else contextlib.nullcontext():
+            out = self.train_model(images, teacher_logits, labels, mix)
+        with phase("backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(out["loss"]).backward()
+        return out
+
+    def _fall_back_to_eager(self, err: Exception) -> None:
+        """After a failure of the compiled step (before the optimiser step): continue eagerly, with one warning."""
+        self.compiled = False
+        self.train_model = self.eager_model
+        self.optimizer.zero_grad(set_to_none=True)  # a backward that failed half-way may have left gradients
+        # The first lines: torch's wrappers put the cause on the line after "backend=... raised:".
+        head = " ".join(line.strip() for line in str(err).splitlines() if line.strip())[:400]
+        log.warning("torch.compile of the student's step failed (%s: %s); continuing eagerly "
+                    "(runtime.compile=off skips the attempt)", type(err).__name__, head)
 
     # ---------------------------------------------------------------------------- epochs
 
@@ -667,6 +742,7 @@ class Trainer:
         except (ValueError, KeyError) as err:
             raise CheckpointError(f"{source}: the optimiser state does not fit this run ({err}); was it written "
                                   "with another loss.mode or model?") from err
+        init_momentum_buffers(self.optimizer)  # a state saved before any step has none (see build_optimizer)
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
@@ -817,20 +893,23 @@ def build_trainer(cfg: Config, *, dist: DistInfo | None = None, hooks: Sequence[
     anyway); after that each rank draws from ``seed + rank`` (CutMix, dropout).
     """
     from fastmeal.data import build_loader
-    from fastmeal.distributed import check_global_batches, init_distributed, world_size_from_env
+    from fastmeal.distributed import check_global_batches, init_distributed, per_rank_batch, world_size_from_env
     from fastmeal.models.factory import build_discriminator, build_student, build_teachers
 
     # Before joining the process group, so that every rank fails at once instead of waiting for the others.
     check_global_batches(cfg.data, dist.world_size if dist else world_size_from_env())
     dist = dist or init_distributed(cfg.runtime.device)
     seed_everything(cfg.runtime.seed)
+    # Built, not started: no loader thread or worker runs before the teachers' graphs are captured below.
     train_loader = build_loader(cfg, "train", rank=dist.rank, world_size=dist.world_size, device=dist.device)
     val_loader = build_loader(cfg, "val", rank=dist.rank, world_size=dist.world_size, device=dist.device)
     check_split_classes(cfg, train_loader, val_loader)  # before any model is built or downloaded
     check_dataset_classes(cfg, train_loader, "train")
     student = build_student(cfg)
     discriminator = build_discriminator(cfg)
-    teachers = build_teachers(cfg, dist.device) if cfg.loss.mode == "meal_v2" else None
+    # The per-rank batch's CUDA graphs are captured here (a partial last batch is padded into them).
+    teachers = (build_teachers(cfg, dist.device, batch_sizes=[per_rank_batch(cfg.data.batch_size, dist.world_size)])
+                if cfg.loss.mode == "meal_v2" else None)
     seed_everything(cfg.runtime.seed + dist.rank)
     return Trainer(cfg, student=student, discriminator=discriminator, teachers=teachers, train_loader=train_loader,
                    val_loader=val_loader, dist=dist, hooks=hooks)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -197,3 +198,56 @@ def test_plot_draws_any_modes_and_batches(tmp_path):
 def test_device_suite_is_valid_bash():
     proc = subprocess.run(["bash", "-n", str(BENCHMARKS / "device_suite.sh")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_loss_share_of_the_step_is_amdahls_law_on_measured_times(tmp_path):
+    import bench_kd_loss
+
+    times = (("reference", 3.0), ("torch", 2.0), ("kernel", 0.5))
+    rows = [{"mode": m, "batch": 64, "median_ms": ms} for m, ms in times]
+    rows.append({"mode": "kernel", "batch": 128, "median_ms": 1.0})  # no step time at this batch: left alone
+    # The step (10 ms at batch 64) ran the kernel: with the reference chain instead it takes 12.5 ms.
+    bench_kd_loss.add_step_share(rows, {64: 10.0}, "kernel")
+    share = {r["mode"]: r.get("loss_share_of_step_pct") for r in rows if r["batch"] == 64}
+    speedup = {r["mode"]: r.get("step_speedup_from_loss") for r in rows if r["batch"] == 64}
+    assert share == pytest.approx({"reference": 24.0, "torch": 2.0 / 11.5 * 100, "kernel": 5.0})
+    assert speedup == pytest.approx({"reference": 1.0, "torch": 12.5 / 11.5, "kernel": 1.25})  # a 6x loss, 1.25x step
+    assert "loss_share_of_step_pct" not in rows[-1]
+
+    doc = {"device": "NVIDIA H200", "rows": [{"mode": "fastmeal", "batch": 64, "step_images_per_s": 3200.0},
+                                             {"mode": "reference", "batch": 64, "step_images_per_s": 500.0},
+                                             {"mode": "fastmeal", "batch": 256, "step_images_per_s": None}]}
+    (tmp_path / "ts.json").write_text(json.dumps(doc))
+    assert bench_kd_loss.step_times_ms(str(tmp_path / "ts.json")) == ({64: pytest.approx(20.0)}, "kernel")
+    assert bench_kd_loss.step_times_ms(str(tmp_path / "absent.json")) == ({}, "kernel")
+
+
+def _fake_suite(tmp_path, budget_s: int, slow: str) -> dict:
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "SUITE_FAKE": "1", "SUITE_SLOW": slow,
+           "SUITE_BUDGET_S": str(budget_s), "FASTMEAL_COMMIT": "test"}
+    start = time.perf_counter()
+    proc = subprocess.run(["bash", str(BENCHMARKS / "device_suite.sh")], capture_output=True, text=True, env=env,
+                          timeout=budget_s + 30)
+    elapsed = time.perf_counter() - start
+    status = json.loads((tmp_path / "out" / "suite_status.json").read_text())
+    return {"proc": proc, "elapsed": elapsed, "status": status}
+
+
+@pytest.mark.parametrize("slow", ["pytest-gpu", "bench_train_step"])
+def test_device_suite_every_step_reports_within_budget_when_one_hangs(tmp_path, slow):
+    """The scheduler alone (SUITE_FAKE: every step sleeps 0.1 s) at 1/20 of the default budget: the hanging step
+    is killed at its limit and every later step still gets its minimum and reports."""
+    run = _fake_suite(tmp_path, 23, slow)
+    steps = run["status"]["steps"]
+    suite = (BENCHMARKS / "device_suite.sh").read_text()
+    table = suite.split("STEPS=(", 1)[1].split(")", 1)[0]
+    names = [line.split()[0] for line in table.strip().splitlines() if line.strip().startswith('"')]
+    assert [s["step"] for s in steps] == [n.strip('"') for n in names]
+    for step in steps:
+        if step["step"] == slow:
+            assert step["verdict"].startswith("TIMED OUT")
+        else:
+            assert step["verdict"] == "ok", step
+    assert run["elapsed"] < 23 and run["status"]["seconds"] <= 23
+    assert run["proc"].returncode == 1  # a step timed out
+    assert f"{slow}: TIMED OUT" in run["proc"].stdout

@@ -179,7 +179,7 @@ def test_an_unexpected_error_exits_1_with_its_traceback_and_ends_the_workers(dat
 
 def test_sigterm_with_loader_workers_exits_0_and_leaves_no_process(data, tmp_path):
     run_dir = tmp_path / "run"
-    proc = start(train_args(data, run_dir, "data.workers=2", "schedule.epochs=200"))
+    proc = start(train_args(data, run_dir, "data.workers=2", "schedule.epochs=100000"))
     wait_for_train_record(run_dir, proc)
     os.killpg(proc.pid, signal.SIGTERM)  # as torchrun forwards it: the rank and its workers
     rc, out, _ = finish(proc, timeout=120)
@@ -220,7 +220,8 @@ def test_a_second_run_into_a_finished_run_dir_is_refused_and_changes_nothing(fin
 
 def test_a_second_process_on_a_busy_run_dir_is_refused_naming_the_holder(data, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    first = start(train_args(data, run_dir, "schedule.epochs=200", "runtime.checkpoint_every_steps=1"))
+    # Far more epochs than it can finish while the second process starts on a loaded machine.
+    first = start(train_args(data, run_dir, "schedule.epochs=100000", "runtime.checkpoint_every_steps=1"))
     try:
         wait_for_train_record(run_dir, first)
         rc, _, err = run([*train_args(data, run_dir), "--resume", "auto"])
@@ -249,7 +250,7 @@ def test_a_second_process_on_a_busy_run_dir_is_refused_naming_the_holder(data, t
 
 def test_the_lock_of_a_sigkilled_run_is_released_and_its_temporaries_removed(data, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    proc = start(train_args(data, run_dir, "schedule.epochs=200", "data.workers=2"))
+    proc = start(train_args(data, run_dir, "schedule.epochs=100000", "data.workers=2"))
     wait_for_train_record(run_dir, proc)
     assert [p for p in session_members(proc.pid) if p != proc.pid], "expected DataLoader worker processes"
     os.kill(proc.pid, signal.SIGKILL)  # the rank alone: its workers, which ignore SIGTERM, must not be orphaned
@@ -580,7 +581,7 @@ def test_cuda_and_triton_without_a_gpu_are_refused_with_the_fix(data, tmp_path, 
 
 def test_ctrl_c_prints_one_line_and_exits_130(data, tmp_path):
     run_dir = tmp_path / "run"
-    proc = start(train_args(data, run_dir, "schedule.epochs=200", "data.workers=1"))
+    proc = start(train_args(data, run_dir, "schedule.epochs=100000", "data.workers=1"))
     wait_for_train_record(run_dir, proc)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends to the terminal's foreground process group
     rc, _, err = finish(proc, timeout=60)

@@ -150,7 +150,7 @@ def test_eta_is_the_recent_pace_times_the_steps_left_plus_the_evaluations(tmp_pa
                     "images_per_s": 50.0, "data_wait": 0.1})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     run = load_run(run_dir)
-    assert run.steps_per_epoch() == 4
+    assert run.steps_per_epoch == 4
     assert eta_seconds(run) == pytest.approx(2 * 1.0 + 5.0)  # 2 steps at 1 s each, one evaluation of 5 s
 
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from fastmeal.config import Config
 from fastmeal.data.common import images_dtype
+from fastmeal.distributed import configure_device
 from fastmeal.models.discriminator import Discriminator
 
 if TYPE_CHECKING:
@@ -371,7 +372,8 @@ def build_teacher_models(cfg: Config) -> list[nn.Module]:
     return models
 
 
-def build_teachers(cfg: Config, device: torch.device, *, models: Sequence[nn.Module] | None = None) -> TeacherEnsemble:
+def build_teachers(cfg: Config, device: torch.device, *, models: Sequence[nn.Module] | None = None,
+                   batch_sizes: Sequence[int] = ()) -> TeacherEnsemble:
     """The frozen teacher ensemble on ``device``; calling it on ``[B, 3, S, S]`` gives ``[K, B, C]`` logits.
 
     Args:
@@ -380,6 +382,9 @@ def build_teachers(cfg: Config, device: torch.device, *, models: Sequence[nn.Mod
         models: the K teacher modules, one per ``model.teachers`` entry, instead of building them with their
             weights (:func:`build_teacher_models`): the benchmarks pass random-weight models (speed does not
             depend on the weights). They are taken over and changed in place, as :class:`TeacherEnsemble` does.
+        batch_sizes: per-rank batch sizes whose CUDA graphs (``[B, 3, S, S]`` at ``data.image_size``) are
+            captured now, before any loader runs; no later capture happens then (see
+            :meth:`TeacherEnsemble.capture_graphs`). Empty: graphs are captured on first use.
 
     Raises:
         ValueError: ``models`` given with another count than ``model.teachers``.
@@ -393,10 +398,15 @@ def build_teachers(cfg: Config, device: torch.device, *, models: Sequence[nn.Mod
                          "model.teachers entries")
     channels_last = [t.channels_last and cfg.precision.channels_last for t in cfg.model.teachers]
     engine = cfg.teacher_engine
+    configure_device(cfg.runtime.cudnn_benchmark, device)  # before the graphs' warm-up, where cuDNN autotunes
     # The teachers run in the dtype the loader delivers (fp32 on the CPU and in precision.mode=fp32).
-    return TeacherEnsemble(models, device=device, dtype=images_dtype(cfg, device), channels_last=channels_last,
-                           fold_bn=engine.fold_bn, cuda_graph=engine.cuda_graph and device.type == "cuda",
-                           compile=engine.compile)
+    ensemble = TeacherEnsemble(models, device=device, dtype=images_dtype(cfg, device), channels_last=channels_last,
+                               fold_bn=engine.fold_bn, cuda_graph=engine.cuda_graph and device.type == "cuda",
+                               compile=engine.compile)
+    size = cfg.data.image_size
+    if batch_sizes:
+        ensemble.capture_graphs([(b, 3, size, size) for b in batch_sizes])
+    return ensemble
 
 
 def build_discriminator(cfg: Config) -> Discriminator | None:
