@@ -150,6 +150,8 @@ def test_a_corrupt_image_with_loader_workers_exits_2_at_once_naming_the_file(dat
     line = one_error_line(err)
     assert str(bad) in line and "data.skip_corrupt=true" in line
     assert time.monotonic() - started < 60
+    assert not (tmp_path / "run" / "checkpoints").exists()  # it failed in epoch 0: nothing half-written
+    assert not [p for p in (tmp_path / "run").iterdir() if ".tmp-" in p.name]
     val_bad = sorted((root / "val").rglob("*.JPEG"))[0]
     val_bad.write_bytes(b"")
     import timm
@@ -322,6 +324,7 @@ def test_train_and_val_class_names_are_compared_at_start_up(data, tmp_path, caps
     assert rc == 2
     line = one_error_line(err)
     assert f"only in train/: {renamed.name}" in line and "only in val/: zz_renamed" in line
+    assert not (tmp_path / "run").exists()  # refused before anything was written
     shutil.rmtree(root / "val" / "zz_renamed")  # a val split missing a class: one message, not two contradictory
     assert main(train_args(root, tmp_path / "run2")) == 2
     err = capsys.readouterr().err
@@ -448,6 +451,7 @@ def test_every_checkpoint_damaged_says_whether_best_pt_is_intact_and_how_to_resu
     line = one_error_line(err)
     best = run_dir / "checkpoints" / "best.pt"
     assert "every checkpoint" in line and "best.pt is intact (global step 3" in line and f"--resume {best}" in line
+    assert len(CheckpointManager(run_dir / "checkpoints").checkpoints()) == 1  # the damaged file is kept
     assert main([*train_args(data, run_dir, "schedule.epochs=2"), "--resume", str(best)]) == 0
     assert json.loads(capsys.readouterr().out)["global_step"] == 6
 
