@@ -344,6 +344,7 @@ class Trainer:
         self.lock = RunDirLock(self.run_dir)
         self._run_dir_open = self._claimed = False
         self._saved_once = False
+        self._fit_origin: tuple[float, int] | None = None  # (time, global step) when fit() started: the ETA's pace
         self.writer = MetricsWriter(self.run_dir, enabled=False)  # fit() opens the real one (rank 0)
         self.epoch = 0
         self.step_in_epoch = 0
@@ -523,7 +524,7 @@ class Trainer:
 
     def eta_seconds(self) -> float | None:
         """Seconds left for the whole run (every remaining epoch, evaluations included) at this run's pace so far."""
-        origin = getattr(self, "_fit_origin", None)
+        origin = self._fit_origin
         if origin is None or self.global_step <= origin[1]:
             return None
         total = self.cfg.schedule.epochs * self.steps_per_epoch()
