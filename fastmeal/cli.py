@@ -127,6 +127,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from fastmeal.evaluate import evaluate_config
+    from fastmeal.metrics import finite_json
 
     extra = {"model.student": args.model, "model.student_weights": args.weights, "data.root": args.data,
              "data.image_size": args.res, "data.eval_resize": args.resize, "data.eval_batch_size": args.batch_size,
@@ -136,7 +137,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _setup_logging()
     result = evaluate_config(cfg, progress=not args.no_progress)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(finite_json(result), indent=2, allow_nan=False))
     else:
         print(f"{result['model']} ({result['weights']}) at {result['image_size']} px (resize {result['eval_resize']}):"
               f" top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
