@@ -90,6 +90,9 @@ def _fsync_dir(directory: Path) -> None:
 class DiskFullError(OSError):
     """No space left (or quota exceeded) while writing ``path``; the message names it and the free space."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)
+
 
 def _disk_full(err: OSError, path: Path) -> DiskFullError:
     try:
@@ -514,6 +517,8 @@ class CheckpointManager:
 
     def _link(self, src: Path, dst: Path) -> None:
         # A hard link is an atomic, free copy; a file system without links gets a real copy.
+        if dst.exists() and os.path.samefile(src, dst):
+            return  # rename() of two links to one file would do nothing and leave the temporary behind
         tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
         tmp.unlink(missing_ok=True)
         try:

@@ -242,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, not at interpreter exit, so that a closed pipe is handled below
+        return code
     except ConfigError as err:
         print(f"fastmeal: config error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -718,8 +718,10 @@ class Trainer:
                                       f"{self.global_step}")
         try:
             path = self.checkpoints.save(state, global_step=self.global_step, top1=top1)
-        except FileNotFoundError:
+        except (FileNotFoundError, CheckpointError):
             self.lock.check()  # deleted under our feet: say so rather than a bare missing temporary
+            if self.checkpoints.directory.is_dir():
+                raise
             raise RunDirVanishedError(f"{self.checkpoints.directory} vanished during a save (deleted?): stopping "
                                       "without a checkpoint of this step") from None
         self._saved_once = True
