@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import errno
 import json
+import logging
 import os
 import sys
 import traceback
@@ -59,14 +60,29 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A console handler that writes to ``sys.stderr`` as it is when a line is logged.
+
+    A plain ``StreamHandler()`` keeps the stream of the first call: after a caller (a test's capture, a
+    redirection) replaces ``sys.stderr``, later lines would go to the old, possibly closed, stream.
+    """
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the live sys.stderr wins
+        pass
+
+
 def _setup_logging() -> None:
     """INFO lines from rank 0, warnings only from the other ranks (STYLE: one rank-0 logger)."""
-    import logging
 
     level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
     logger = logging.getLogger("fastmeal")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
         logger.addHandler(handler)
     logger.setLevel(level)
