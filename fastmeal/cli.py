@@ -61,24 +61,23 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 class _StderrHandler(logging.StreamHandler):
-    """A console handler that writes to ``sys.stderr`` as it is when a line is logged.
+    """A handler that writes to whatever ``sys.stderr`` is at the time of each record (not the one of
+    the first call): ``main`` may run several times in one process (tests, notebooks)."""
 
-    A plain ``StreamHandler()`` keeps the stream of the first call: after a caller (a test's capture, a
-    redirection) replaces ``sys.stderr``, later lines would go to the old, possibly closed, stream.
-    """
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
 
     @property
-    def stream(self):
+    def stream(self):  # noqa: ANN201 - logging.StreamHandler's attribute
         return sys.stderr
 
     @stream.setter
-    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the live sys.stderr wins
+    def stream(self, value) -> None:  # noqa: ANN001
         pass
 
 
 def _setup_logging() -> None:
     """INFO lines from rank 0, warnings only from the other ranks (STYLE: one rank-0 logger)."""
-
     level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
     logger = logging.getLogger("fastmeal")
     if not logger.handlers:

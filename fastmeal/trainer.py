@@ -342,8 +342,9 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.runtime.keep_last,
                                              enabled=self.dist.is_main, export_dir=self.run_dir)
         self.lock = RunDirLock(self.run_dir)
-        self._run_dir_open = False
+        self._run_dir_open = self._claimed = False
         self._saved_once = False
+        self._fit_origin: tuple[float, int] | None = None  # (time, global step) when fit() started: the ETA's pace
         self.writer = MetricsWriter(self.run_dir, enabled=False)  # fit() opens the real one (rank 0)
         self.epoch = 0
         self.step_in_epoch = 0
@@ -392,7 +393,8 @@ class Trainer:
         if self.is_main:
             try:
                 self.lock.acquire()
-                problem = None if resuming else self._claim_run_dir()
+                # A second fit() of this trainer continues its own run: nothing to refuse.
+                problem = None if resuming or self._claimed else self._claim_run_dir()
             except RunDirError as err:
                 problem = str(err)
         from fastmeal.distributed import all_gather_objects
@@ -401,7 +403,7 @@ class Trainer:
         if problem:
             self.lock.release()
             raise RunDirError(problem)
-        self._run_dir_open = True
+        self._run_dir_open = self._claimed = True
         if self.is_main:
             stale = self.checkpoints.remove_stale_temporaries()
             if stale:
@@ -522,7 +524,7 @@ class Trainer:
 
     def eta_seconds(self) -> float | None:
         """Seconds left for the whole run (every remaining epoch, evaluations included) at this run's pace so far."""
-        origin = getattr(self, "_fit_origin", None)
+        origin = self._fit_origin
         if origin is None or self.global_step <= origin[1]:
             return None
         total = self.cfg.schedule.epochs * self.steps_per_epoch()
