@@ -46,7 +46,7 @@ from fastmeal.checkpoint import (
 from fastmeal.config import Config
 from fastmeal.distributed import DistInfo, broadcast_buffers, check_ranks_agree
 from fastmeal.evaluate import autocast_context, evaluate, resolve_precision
-from fastmeal.losses import meal_v2_loss
+from fastmeal.losses import bank_meal_v2_loss, meal_v2_loss
 from fastmeal.metrics import DeviceMeans, MetricsWriter, topk_correct
 from fastmeal.models.factory import load_state_dict_checked, model_num_classes
 from fastmeal.profiling import phase
@@ -154,7 +154,8 @@ class DistillationModel(nn.Module):
         self.autocast_dtype = autocast_dtype
 
     def forward(self, images: Tensor, teacher_logits: Tensor | None = None, labels: Tensor | None = None,
-                mix: tuple[float, Tensor] | None = None) -> dict[str, Tensor]:
+                mix: tuple[float, Tensor] | None = None,
+                records: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
         """Student forward and loss.
 
         Args:
@@ -163,6 +164,8 @@ class DistillationModel(nn.Module):
             labels: ``[B]`` int64 (CE mode; MEAL V2 ignores them: no hard-label term, SPEC step 8).
             mix: ``(lam, perm)`` from CutMix in CE mode: the labels are mixed as CutMix does. MEAL V2
                 needs nothing (the teachers saw the same mixed images).
+            records: ``(probs, classes)`` ``[B, K]`` soft-label bank records (MEAL V2 from a bank,
+                instead of ``teacher_logits``): :func:`fastmeal.losses.bank_meal_v2_loss`.
 
         Returns:
             Scalar fp32 loss parts and ``logits`` ``[B, C]``.
@@ -170,7 +173,9 @@ class DistillationModel(nn.Module):
         with phase("student_fwd"), autocast_context(images.device, self.autocast_dtype):
             logits = self.student(images)
         with phase("loss"):
-            if self.mode == "meal_v2":
+            if self.mode == "meal_v2" and records is not None:
+                out = bank_meal_v2_loss(logits, *records, self.discriminator, impl=self.loss_impl)
+            elif self.mode == "meal_v2":
                 if teacher_logits is None:
                     raise ValueError("loss.mode=meal_v2 needs teacher logits")
                 out = meal_v2_loss(logits, teacher_logits, self.discriminator, impl=self.loss_impl)
@@ -248,7 +253,7 @@ class Trainer:
         self.run_dir = Path(run_dir if run_dir is not None else cfg.resolved_run_dir)
         self.hooks = list(hooks)
         self.mode = cfg.loss.mode
-        if self.mode == "meal_v2" and teachers is None:
+        if self.mode == "meal_v2" and teachers is None and not cfg.bank.path:
             raise SetupError("loss.mode=meal_v2 needs teachers (build_teachers); use loss.mode=ce for hard labels")
         self.teachers = teachers if self.mode == "meal_v2" else None
         self.train_loader, self.val_loader = train_loader, val_loader
@@ -314,18 +319,22 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- one step
 
-    def train_step(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        """One forward/backward/optimiser step on a batch; returns the loss parts (device tensors)."""
+    def train_step(self, images: Tensor, labels: Tensor,
+                   records: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
+        """One forward/backward/optimiser step on a batch; returns the loss parts (device tensors).
+
+        ``records``: the batch's soft-label bank records (``bank.path``), used instead of the teachers.
+        """
         images = images.contiguous(memory_format=self.memory_format)
         mix = None
         if self.cfg.data.cutmix:
             images, lam, perm = cutmix_(images)
             mix = (lam, perm)
         teacher_logits = None
-        if self.teachers is not None:
+        if self.teachers is not None and records is None:
             with phase("teachers"), torch.no_grad():
                 teacher_logits = self.teachers(images)
-        out = self.train_model(images, teacher_logits, labels, mix)
+        out = self.train_model(images, teacher_logits, labels, mix, records)
         with phase("backward"):
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(out["loss"]).backward()
@@ -401,11 +410,11 @@ class Trainer:
             fetch = time.perf_counter()
             with phase("data"):
                 try:
-                    images, labels = next(batches)
+                    images, labels, *records = next(batches)  # a bank loader adds the batch's records
                 except StopIteration:
                     break
             data_wait += time.perf_counter() - fetch
-            parts = self.train_step(images, labels)
+            parts = self.train_step(images, labels, records[0] if records else None)
             values = {k: parts[k] for k in self.part_names}
             values["train_top1"] = topk_correct(parts["logits"].detach().float(), labels, (1,))[0] / labels.shape[0]
             self.meter.update(values, labels.shape[0])
@@ -637,9 +646,13 @@ def build_trainer(cfg: Config, *, dist: DistInfo | None = None, hooks: Sequence[
     train_loader = build_loader(cfg, "train", rank=dist.rank, world_size=dist.world_size, device=dist.device)
     val_loader = build_loader(cfg, "val", rank=dist.rank, world_size=dist.world_size, device=dist.device)
     check_dataset_classes(cfg, train_loader, "train")  # before any model is built or downloaded
+    if cfg.bank.path:  # soft labels from the bank: the teachers are neither built nor loaded
+        from fastmeal.bank.replay import BankLoader, open_bank
+
+        train_loader = BankLoader(train_loader, open_bank(cfg, train_loader), dist.device)
     student = build_student(cfg)
     discriminator = build_discriminator(cfg)
-    teachers = build_teachers(cfg, dist.device) if cfg.loss.mode == "meal_v2" else None
+    teachers = build_teachers(cfg, dist.device) if cfg.loss.mode == "meal_v2" and not cfg.bank.path else None
     seed_everything(cfg.runtime.seed + dist.rank)
     return Trainer(cfg, student=student, discriminator=discriminator, teachers=teachers, train_loader=train_loader,
                    val_loader=val_loader, dist=dist, hooks=hooks)
