@@ -12,6 +12,10 @@ weights, the same per-device batch, the same JPEG files and the same CPU threads
   torchvision backend, and the result says so), :func:`fastmeal.models.factory.build_teachers` (fp16
   channels-last, BatchNorm folded, CUDA graphs on CUDA) and :meth:`fastmeal.trainer.Trainer.train_step`
   (AMP channels-last student, ``meal_v2_loss(impl="auto")``, fused SGD).
+* ``bank`` — fastmeal trained from a soft-label bank (``bank.path``): the same loader and trainer, no
+  teachers; each step's top-K records (K=5, fp16 + int16) are copied from pinned host memory to the device,
+  as the bank loader does, and the loss is ``bank_meal_v2_loss(impl="auto")`` (the sparse-target kernel on
+  CUDA). The records are random (speed does not depend on their values); MFU counts the student only.
 
 Measured for each (batch, mode), after warm-up steps:
 
@@ -76,7 +80,8 @@ from fastmeal.models.factory import build_discriminator, build_student, build_te
 from fastmeal.profiling import phase  # noqa: E402
 from fastmeal.trainer import DistillationModel, Trainer, build_optimizer  # noqa: E402
 
-MODES = ("reference", "fastmeal")
+MODES = ("reference", "fastmeal", "bank")
+BANK_TOP_K = 5
 PHASES = ("data", "teachers", "student_fwd", "loss", "backward", "optimizer")
 COLUMNS = ["mode", "batch", "loader", "images_per_s", "speedup_vs_ref", "step_images_per_s", "step_speedup_vs_ref",
            "data_wait_pct", "data_stall_pct", "mfu_pct", "peak_mib", *(f"ms_{p}" for p in (*PHASES, "other"))]
@@ -422,6 +427,38 @@ class FastmealRun:
         self.trainer.train_step(images, labels)
 
 
+class BankRun(FastmealRun):
+    """fastmeal from a soft-label bank: the product's loader and :meth:`Trainer.train_step` with records, no teachers.
+
+    Args:
+        cfg: as :class:`FastmealRun`; ``bank.path`` is set here (the trainer then needs no teachers).
+        student, discriminator: fresh copies (trained here).
+        device: where it runs.
+        run_dir: the trainer's run folder.
+    """
+
+    mode = "bank"
+
+    def __init__(self, cfg: Config, *, student: nn.Module, discriminator: nn.Module, device: torch.device,
+                 run_dir: Path) -> None:
+        cfg = cfg.replace({"bank.path": "synthetic-records"})
+        super().__init__(cfg, student=student, discriminator=discriminator, teachers=None, device=device,
+                         run_dir=run_dir)
+        num_classes = cfg.model.num_classes
+        gen = torch.Generator().manual_seed(0)
+        batch = cfg.data.batch_size
+        probs, classes = torch.softmax(4 * torch.randn(batch, num_classes, generator=gen), -1).topk(BANK_TOP_K)
+        pin = device.type == "cuda"
+        self._host = (probs.half().pin_memory() if pin else probs.half(),
+                      classes.to(torch.int16).pin_memory() if pin else classes.to(torch.int16))
+
+    def step(self, images: Tensor, labels: Tensor) -> None:
+        """One bank step: the batch's records to the device, student forward, sparse-target loss, backward, SGD."""
+        n = images.shape[0]
+        records = tuple(t[:n].to(self.trainer.device, non_blocking=True) for t in self._host)
+        self.trainer.train_step(images, labels, records)
+
+
 # --------------------------------------------------------------------------------------------
 # Measuring one run
 # --------------------------------------------------------------------------------------------
@@ -642,7 +679,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ref_teachers = fm_teachers = None
         if "reference" in args.modes:
             ref_teachers = [copy.deepcopy(t).to(device).eval().requires_grad_(False) for t in teachers0]
-        if "fastmeal" in args.modes:
+        if "fastmeal" in args.modes:  # the bank mode runs without teachers
             fm_teachers = build_teachers(cfg, device, models=[copy.deepcopy(t) for t in teachers0])
         del teachers0
 
@@ -687,6 +724,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 if mode == "reference":
                     run: Any = ReferenceRun(cfg_b, student=student, discriminator=discriminator, teachers=ref_teachers,
                                             device=device)
+                elif mode == "bank":
+                    run = BankRun(cfg_b, student=student, discriminator=discriminator, device=device, run_dir=run_dir)
                 else:
                     run = FastmealRun(cfg_b, student=student, discriminator=discriminator, teachers=fm_teachers,
                                       device=device, run_dir=run_dir)
@@ -695,7 +734,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  f"{args.backend}, DALI {'installed' if dali_available() else 'absent'}): PIL on "
                                  "the same workers as the reference, so its end-to-end numbers are bounded by CPU "
                                  "JPEG decoding; step_images_per_s shows the step without the loader.")
-                row = measure(run, size, batch, device, flops["total"], peak["peak_tflops"])
+                mode_flops = flops["student_fwd_bwd"] if mode == "bank" else flops["total"]
+                row = measure(run, size, batch, device, mode_flops, peak["peak_tflops"])
                 row["peak_mib"] = _peak_mib(device, base)
                 row["run_s"] = time.perf_counter() - t0
                 rows.append(row)
@@ -719,6 +759,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"batch {batch}: fastmeal {pair['fastmeal']['images_per_s']:.4g} img/s vs reference "
                   f"{pair['reference']['images_per_s']:.4g} img/s = {pair['fastmeal']['speedup_vs_ref']:.2f}x "
                   f"end to end ({pair['fastmeal']['step_speedup_vs_ref']:.2f}x step only)")
+        if {"fastmeal", "bank"} <= pair.keys():
+            print(f"batch {batch}: bank {pair['bank']['images_per_s']:.4g} img/s = "
+                  f"{pair['bank']['images_per_s'] / pair['fastmeal']['images_per_s']:.2f}x the online fastmeal step "
+                  f"end to end ({pair['bank']['step_images_per_s'] / pair['fastmeal']['step_images_per_s']:.2f}x "
+                  "step only)")
     for note in notes:
         print("note:", note)
     return doc
