@@ -113,7 +113,7 @@ def hash_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
     """SHA-256 over a model's parameters and buffers (names, dtypes, shapes, bytes, in sorted-key order)."""
     h = hashlib.sha256()
     for name in sorted(state_dict):
-        t = state_dict[name].detach().cpu().contiguous()
+        t = state_dict[name].detach().cpu().contiguous().reshape(-1)  # 0-d buffers (BN's counter) too
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
