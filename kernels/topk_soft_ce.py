@@ -30,6 +30,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+# The online-softmax row reduction and the warp count are the ensemble-KD kernel's (same row shapes).
+from fastmeal.kernels.ensemble_kd import _num_warps, _row_logsumexp
+
 #: Rows up to this many classes (rounded up to a power of two) are processed as a single block.
 MAX_FUSED_BLOCK = 8192
 #: Block width of the two-pass path used for wider rows.
@@ -84,22 +87,6 @@ def _topk_soft_ce_fused_kernel(
 
 
 @triton.jit
-def _row_logsumexp(row_ptr, num_classes, BLOCK: tl.constexpr):
-    """``log Σ exp(x)`` of one row, by an online max/sum over blocks."""
-    cols0 = tl.arange(0, BLOCK)
-    m = float("-inf")
-    d = 0.0
-    for start in range(0, num_classes, BLOCK):
-        cols = start + cols0
-        x = tl.load(row_ptr + cols, mask=cols < num_classes, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        d = d * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
-        m = m_new
-    return m + tl.log(d)
-
-
-@triton.jit
 def _topk_soft_ce_looped_kernel(
     s_ptr, p_ptr, i_ptr, target_ptr, grad_ptr, ce_ptr, kl_ptr,
     stride_sb, stride_pb, stride_ib, stride_target_b, stride_grad_b,
@@ -125,14 +112,6 @@ def _topk_soft_ce_looped_kernel(
         kl_acc += tl.where(p == 0.0, 0.0, p * (tl.log(p) - log_q))
     tl.store(ce_ptr + row, -tl.sum(ce_acc, axis=0))
     tl.store(kl_ptr + row, tl.sum(kl_acc, axis=0))
-
-
-def _num_warps(block: int) -> int:
-    if block <= 1024:
-        return 4
-    if block <= 4096:
-        return 8
-    return 16
 
 
 def _check_inputs(student_logits: Tensor, probs: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:

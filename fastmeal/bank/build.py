@@ -201,31 +201,38 @@ def build_bank(cfg: Config, out: str | Path, *, epochs: range | None = None, top
 
 def _compute_chunk(loader: Any, teachers: Callable[[Tensor], Tensor], epoch: int, indices: np.ndarray, chunk: int,
                    steps_per_chunk: int, batch: int, top_k: int, dtype: np.dtype, bar: tqdm) -> dict[str, Any]:
+    """One chunk's records: its steps of the epoch, from the loader positioned at its first step.
+
+    Records and statistics stay on the device until the chunk is complete (one copy and one host sync
+    per chunk, not per batch, so the loader and the teachers keep running ahead).
+    """
     first_step = chunk * steps_per_chunk
     count = min(steps_per_chunk * batch, len(indices) - first_step * batch)
-    rows = np.zeros(count, dtype=dtype)
-    mass_sum = kl_sum = None
+    probs_parts, classes_parts, mass_parts, kl_parts = [], [], [], []
     loader.set_epoch(epoch, start_step=first_step)
     filled = 0
     for step, (images, _labels) in enumerate(loader, start=first_step):
-        idx = indices[step * batch:(step + 1) * batch]
-        if len(idx) != images.shape[0]:
-            raise RuntimeError(f"epoch {epoch} step {step}: the loader gave {images.shape[0]} images for "
-                               f"{len(idx)} planned indices (loader and epoch_indices disagree)")
+        n = len(indices[step * batch:(step + 1) * batch])
+        if n != images.shape[0]:
+            raise RuntimeError(f"epoch {epoch} step {step}: the loader gave {images.shape[0]} images for {n} "
+                               "planned indices (loader and epoch_indices disagree)")
         probs, classes, mass, kl = soft_label_records(teachers(images), top_k)
-        mass_sum = mass.sum() if mass_sum is None else mass_sum + mass.sum()
-        kl_sum = kl.double().sum() if kl_sum is None else kl_sum + kl.double().sum()
-        n = len(idx)
-        rows["index"][filled:filled + n] = idx
-        rows["probs"][filled:filled + n] = probs.cpu().numpy()
-        rows["classes"][filled:filled + n] = classes.cpu().numpy()
+        probs_parts.append(probs)
+        classes_parts.append(classes)
+        mass_parts.append(mass)
+        kl_parts.append(kl)
         filled += n
         bar.update(n)
         if filled >= count:
             break
     if filled != count:
         raise RuntimeError(f"epoch {epoch} chunk {chunk}: the loader ended after {filled} of {count} images")
-    return {"rows": rows, "mass_sum": mass_sum.item(), "kl_sum": kl_sum.item()}
+    rows = np.zeros(count, dtype=dtype)
+    rows["index"] = indices[first_step * batch:first_step * batch + count]
+    rows["probs"] = torch.cat(probs_parts).cpu().numpy()
+    rows["classes"] = torch.cat(classes_parts).cpu().numpy()
+    return {"rows": rows, "mass_sum": torch.cat(mass_parts).double().sum().item(),
+            "kl_sum": torch.cat(kl_parts).double().sum().item()}
 
 
 def summarize(root: str | Path) -> dict[str, Any]:
