@@ -6,8 +6,8 @@ so the stored soft label of (e, i) is the one the online run computes on the sam
 torchrun every rank builds its own slice of each epoch (the loader's ``epoch_indices`` on that rank);
 ``--epochs A:B`` builds a range, so separate jobs can build separate ranges into one folder.
 
-Per batch: ``p = mean_k softmax(t_k)`` in fp32 (SPEC step 2), its top-K (probabilities rounded to
-fp16, classes int16), and exactly, from the full ``p``, the captured mass ``Σ top-K p`` and
+Per batch: ``p = mean_k softmax(t_k)`` in fp32, its top-K (probabilities rounded toward zero to
+fp16, :func:`round_down_half`; classes int16), and exactly, from the full ``p``, the captured mass ``Σ top-K p`` and
 ``KL(p ‖ p_decoded)`` of the stored record (:func:`fastmeal.losses.decode_topk`); the means over the
 bank go into the manifest. Work is cut into chunks (:mod:`fastmeal.bank.store`); a chunk whose JSON
 exists is never redone, so a killed build continues where it stopped.
@@ -91,10 +91,27 @@ def soft_label_records(teacher_logits: Tensor, top_k: int) -> tuple[Tensor, Tens
     """
     p = torch.softmax(teacher_logits.float(), dim=-1).mean(0)
     values, classes = p.topk(top_k, dim=-1)
-    probs, classes = values.half(), classes.to(torch.int16)
+    probs, classes = round_down_half(values), classes.to(torch.int16)
     decoded = decode_topk(probs, classes, p.shape[-1])
+    # A class the decoding gives 0 (all mass in the stored top-K) where p is a denormal-sized positive
+    # would make the KL infinite over a mass below 1e-38: such classes count at the smallest normal float.
+    decoded = decoded.clamp(min=torch.finfo(torch.float32).tiny)
     kl = (torch.xlogy(p, p) - torch.xlogy(p, decoded)).sum(-1)
     return probs, classes, values.sum(-1), kl
+
+
+def round_down_half(values: Tensor) -> Tensor:
+    """Non-negative fp32 values to fp16, rounded toward zero instead of to nearest.
+
+    A stored probability is then never above the teacher's, so the stored top-K never sums to more than
+    the true top-K mass and the remainder that decoding spreads over the other classes is never cut to 0
+    by rounding (to nearest, a confident teacher's 0.99995 becomes 1.0: the other classes would get
+    nothing). Costs one fp16 ulp at most (2^-11 relative) instead of half of one.
+    """
+    half = values.half()
+    over = half.float() > values
+    # For positive fp16 values the bit patterns are ordered: one less is the next value toward zero.
+    return torch.where(over, (half.view(torch.int16) - 1).view(torch.float16), half)
 
 
 def build_bank(cfg: Config, out: str | Path, *, epochs: range | None = None, top_k: int = 5,
