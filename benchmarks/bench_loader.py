@@ -82,7 +82,9 @@ def _timed(stream, batches: int, device: torch.device) -> tuple[float, float]:
         x, _ = next(stream)
         images += x.shape[0]
     harness.sync(device)
-    return images / (time.perf_counter() - start), images / (cpu_seconds() - cpu_start)
+    # CPU time is counted in clock ticks: a run shorter than one tick is counted as one (a lower bound).
+    cpu = max(cpu_seconds() - cpu_start, 1 / (os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100))
+    return images / (time.perf_counter() - start), images / cpu
 
 
 def _warm_page_cache(root: str) -> tuple[int, int]:
@@ -108,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=0, help="warm-up batches (default: an epoch, at least 4)")
     parser.add_argument("--batches", type=int, default=0, help="batches per repeat (default: an epoch, at least 12)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--hw-decoder-loads", type=float, nargs="*", default=[],
+                        help="extra DALI train/val rows with these data.dali_hw_decoder_load values (CUDA only)")
     parser.add_argument("--json", help="write the result here")
     parser.add_argument("--note", action="append", default=[], help="a note stored with the result (repeatable)")
     args = parser.parse_args(argv)
@@ -119,6 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     if "dali" in backends and not dali_available():
         backends.remove("dali")
         notes.append("DALI is not installed here: only the torchvision backend was measured")
+    # (key, backend, config overrides): the hardware-decoder share variants measure the default's choice.
+    variants = [(b, b, {}) for b in backends]
+    if "dali" in backends and args.hw_decoder_loads:
+        if device.type == "cuda":
+            variants += [(f"dali@hw{v:g}", "dali", {"data.dali_hw_decoder_load": v}) for v in args.hw_decoder_loads]
+        else:
+            notes.append("--hw-decoder-loads ignored: the hardware JPEG decoder needs CUDA")
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     num_files, num_bytes = _warm_page_cache(args.data)
     load_before = os.getloadavg()
@@ -135,40 +146,42 @@ def main(argv: list[str] | None = None) -> int:
         # The backends take turns, repeat by repeat, so that a load change on a shared machine hits both.
         # torchvision is built and started first: forking its workers while a DALI pipeline lives is refused.
         streams, meta = {}, {}
-        for backend in backends:
-            loader = build_loader(cfg.replace({"data.backend": backend}), split, device=device)
+        for key, backend, overrides in variants:
+            loader = build_loader(cfg.replace({"data.backend": backend, **overrides}), split, device=device)
             per_epoch = len(loader)
             # At least 12 batches per repeat: a small dataset at batch 256 has only a few per epoch.
             warmup = args.warmup or max(per_epoch, 4)
             count = args.batches or max(per_epoch, 12)
-            streams[backend] = _forever(loader)
-            x, _ = next(streams[backend])
+            streams[key] = _forever(loader)
+            x, _ = next(streams[key])
             for _ in range(warmup):
-                next(streams[backend])
-            meta[backend] = {"batches_per_repeat": count, "warmup_batches": warmup, "batches_per_epoch": per_epoch,
-                             "dtype": str(x.dtype).replace("torch.", ""),
-                             "channels_last": x.is_contiguous(memory_format=torch.channels_last)}
+                next(streams[key])
+            meta[key] = {"batches_per_repeat": count, "warmup_batches": warmup, "batches_per_epoch": per_epoch,
+                         "dtype": str(x.dtype).replace("torch.", ""),
+                         "channels_last": x.is_contiguous(memory_format=torch.channels_last)}
+            if backend == "dali":
+                meta[key]["hw_decoder_load"] = overrides.get("data.dali_hw_decoder_load", cfg.data.dali_hw_decoder_load)
             del loader, x
-        rates = {backend: [] for backend in backends}
-        per_cpu = {backend: [] for backend in backends}
+        rates = {key: [] for key in streams}
+        per_cpu = {key: [] for key in streams}
         for _ in range(args.repeats):
-            for backend in backends:
-                rate, cpu_rate = _timed(streams[backend], meta[backend]["batches_per_repeat"], device)
-                rates[backend].append(rate)
-                per_cpu[backend].append(cpu_rate)
-        for backend in backends:
-            r, c = rates[backend], per_cpu[backend]
-            rows.append({"backend": backend, "split": split, "images_per_s": statistics.median(r),
+            for key in streams:
+                rate, cpu_rate = _timed(streams[key], meta[key]["batches_per_repeat"], device)
+                rates[key].append(rate)
+                per_cpu[key].append(cpu_rate)
+        for key, backend, _ in variants:
+            r, c = rates[key], per_cpu[key]
+            rows.append({"backend": backend, "variant": key, "split": split, "images_per_s": statistics.median(r),
                          "min_images_per_s": min(r), "max_images_per_s": max(r),
                          "images_per_cpu_s": statistics.median(c), "repeats": len(r),
-                         "all_images_per_s": r, "all_images_per_cpu_s": c, **meta[backend]})
-            print(f"{backend:12s} {split:5s} {statistics.median(r):9.1f} img/s  (min {min(r):.1f}, max {max(r):.1f}, "
-                  f"{len(r)} x {meta[backend]['batches_per_repeat']} batches)  {statistics.median(c):8.1f} img/CPU-s",
+                         "all_images_per_s": r, "all_images_per_cpu_s": c, **meta[key]})
+            print(f"{key:12s} {split:5s} {statistics.median(r):9.1f} img/s  (min {min(r):.1f}, max {max(r):.1f}, "
+                  f"{len(r)} x {meta[key]['batches_per_repeat']} batches)  {statistics.median(c):8.1f} img/CPU-s",
                   flush=True)
         streams.clear()  # ends the generators, so the loaders and their workers / pipelines go
         gc.collect()
     for split in splits:
-        by_backend = {r["backend"]: r for r in rows if r["split"] == split}
+        by_backend = {r["backend"]: r for r in rows if r["split"] == split and r["variant"] == r["backend"]}
         if len(by_backend) == 2:
             ratio = by_backend["dali"]["images_per_s"] / by_backend["torchvision"]["images_per_s"]
             cpu_ratio = by_backend["dali"]["images_per_cpu_s"] / by_backend["torchvision"]["images_per_cpu_s"]

@@ -16,7 +16,7 @@ Stages, all through the one trainer (variants are configs):
 Everything is evaluated on the held-out val split with the SPEC protocol; a table is printed and
 written to ``OUT/summary.json`` (keys ``teachers`` — the ensemble's mean-softmax accuracy, with each
 member under ``members`` —, ``baseline``, ``distilled`` and ``control``, each with ``top1`` and
-``top5``).
+``top5``), and ``fastmeal report`` of the distillation and the control goes to ``OUT/report/``.
 
 The distillation stage's settings are the ``demo`` preset (``fastmeal.config.demo``); the teachers'
 and the baseline's are derived from it here (:class:`DemoSettings`). Reported accuracies are the last
@@ -262,4 +262,17 @@ def run_demo(out: str | Path = "demo_out", *, seed: int = 0, settings: DemoSetti
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(format_table(summary))
     print(f"summary written to {out / 'summary.json'}")
+    _write_report([out / "distilled", *([out / "control"] if control else [])], out / "report")
     return summary
+
+
+def _write_report(run_dirs: list[Path], out: Path) -> None:
+    """``fastmeal report`` of the distillation (and the control); without matplotlib, how to get it."""
+    from fastmeal.report import ReportError, write_report
+
+    try:
+        report = write_report(run_dirs, out)
+    except ReportError as err:
+        print(f"no report: {err}")
+        return
+    print(f"report written to {report.html} (figures and report.md next to it)")

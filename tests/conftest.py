@@ -18,9 +18,14 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs CUDA (run benchmarks/device_suite.sh on a GPU machine)")
+    from fastmeal.data import dali_available
+
+    skip_gpu = pytest.mark.skip(reason="needs CUDA (run benchmarks/device_suite.sh on a GPU machine)")
+    # The GPU machine starts without DALI (it travels there in parts): its tests skip, they do not fail.
+    skip_dali = pytest.mark.skip(reason="needs DALI (pip install nvidia-dali-cuda120; on the GPU machine, stage it)")
+    has_cuda, has_dali = torch.cuda.is_available(), dali_available()
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)
+        if "dali" in item.keywords and not has_dali:
+            item.add_marker(skip_dali)

@@ -63,3 +63,13 @@ def test_the_table_is_printed(demo, capsys):
     for row in ("teacher 0", "teacher 1", "teachers (ensemble)", "baseline (hard labels)", "distilled (MEAL V2)",
                 "control (more hard labels)", "distilled - baseline", "distilled - control"):
         assert row in table
+
+
+def test_the_demo_writes_its_report(demo, capsys):
+    out, _ = demo
+    report = out / "report"
+    for name in ("accuracy.png", "loss.png", "throughput.png", "report.html", "report.md"):
+        assert (report / name).stat().st_size > 0, name
+    summary = (report / "report.md").read_text()
+    assert "| distilled | demo | finished (1 epochs) |" in summary and "| control |" in summary
+    assert "| loss.mode | meal_v2 | ce |" in summary

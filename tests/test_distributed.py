@@ -59,7 +59,7 @@ def test_single_process_needs_no_process_group(monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
 def test_cuda_request_without_cuda_fails_clearly():
     assert resolve_device("auto") == torch.device("cpu")
-    with pytest.raises(RuntimeError, match="runtime.device=cpu"):
+    with pytest.raises(ConfigError, match="runtime.device=cpu"):
         resolve_device("cuda")
 
 
@@ -81,8 +81,11 @@ def _collectives_worker(rank: int, world_size: int):
         first = handler.should_stop()
         if rank == 1:
             os.kill(os.getpid(), signal.SIGTERM)  # only rank 1 is signalled ...
-        second = handler.should_stop()  # ... and both ranks agree to stop
-        preemption = (first, second, handler.signal_name)
+        # ... the check right after it starts the ranks' exchange without waiting for it, and the next one
+        # reads it: both ranks agree to stop at the same check, one step after the signal.
+        second = handler.should_stop()
+        third = handler.should_stop()
+        preemption = (first, second, third, handler.signal_name)
     finally:
         handler.uninstall()
 
@@ -102,8 +105,8 @@ def _collectives_worker(rank: int, world_size: int):
 
 def test_collectives_across_two_gloo_ranks():
     results = run_world(_collectives_worker, 2)
-    assert results[0][0] == (False, True, "peer")
-    assert results[1][0] == (False, True, "SIGTERM")
+    assert results[0][0] == (False, False, True, "peer")
+    assert results[1][0] == (False, False, True, "SIGTERM")
     for _, running_mean, gathered, agreed, disagreement in results:
         assert running_mean == [1.0, 1.0]  # rank 0's statistics everywhere
         assert gathered == [0, 10]

@@ -9,8 +9,10 @@ install command.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import logging
+import sys
 from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
@@ -20,8 +22,8 @@ from fastmeal.config import Config
 from fastmeal.data.common import CorruptImageError, DataError, images_dtype, scan_split
 from fastmeal.distributed import per_rank_batch, resolve_device
 
-__all__ = ["CorruptImageError", "DataError", "Loader", "build_loader", "choose_backend", "dali_available",
-           "images_dtype"]
+__all__ = ["CorruptImageError", "DataError", "Loader", "build_loader", "choose_backend", "close_loaders",
+           "dali_available", "images_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,31 @@ class Loader(Protocol):
     def __len__(self) -> int: ...
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+_announced: set[str] = set()
+
+
+def close_loaders() -> None:
+    """End the worker processes of every loader of this process (``fastmeal`` calls it on every exit path).
+
+    Also registered with ``atexit`` ahead of multiprocessing's own exit handler, which would otherwise
+    ``terminate()`` and then ``join()`` the workers forever: they ignore SIGTERM, on purpose (preemption).
+    """
+    module = sys.modules.get("fastmeal.data.torchvision")
+    if module is None:
+        return
+    for loader in list(module.LIVE_LOADERS):
+        loader.close()
+
+
+def _register_exit_handler() -> None:
+    import multiprocessing.util  # noqa: F401 - registers multiprocessing's atexit handler first; ours runs before it
+
+    atexit.register(close_loaders)
+
+
+_register_exit_handler()
 
 
 def dali_available() -> bool:
@@ -95,7 +122,8 @@ def build_loader(cfg: Config, split: str, *, rank: int = 0, world_size: int = 1,
     global_batch = cfg.data.batch_size if split == "train" else cfg.data.resolved_eval_batch_size
     batch_size = per_rank_batch(global_batch, world_size)
     backend = choose_backend(cfg.data.backend)
-    if cfg.data.backend == "auto" and rank == 0:
+    if cfg.data.backend == "auto" and rank == 0 and backend not in _announced:
+        _announced.add(backend)  # once per process, not once per split
         log.info("data.backend=auto chose %s%s", backend,
                  "" if backend == "dali" else f" (DALI is not installed: `{DALI_INSTALL}` for the fast loader)")
     scanned = scan_split(cfg.data.root, split)

@@ -17,9 +17,11 @@ epoch; val shards are exact (no padding); workers are persistent.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -36,6 +38,7 @@ from fastmeal.data.common import (
     LoaderBase,
     Split,
     build_sampler,
+    clamp_workers,
     epoch_counts,
     load_rgb,
     next_decodable,
@@ -43,6 +46,9 @@ from fastmeal.data.common import (
 from fastmeal.distributed import ignore_preemption_signals
 
 log = logging.getLogger(__name__)
+
+# Every loader with worker processes, for close_loaders() on every exit path.
+LIVE_LOADERS: weakref.WeakSet[TorchvisionLoader] = weakref.WeakSet()
 
 
 def build_transform(split: str, image_size: int, eval_resize: int) -> transforms.Compose:
@@ -107,6 +113,21 @@ def _collate(batch: list[tuple[torch.Tensor, int, tuple[str, ...]]]) -> tuple[to
     return images, labels, skipped
 
 
+def _worker_errors_named(loader: DataLoader) -> Iterator:
+    """Iterate ``loader``; a worker's CorruptImageError comes out with its own message, not the worker's traceback."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except CorruptImageError as err:
+            # torch re-raises a worker's exception with the whole worker traceback as its message.
+            last = str(err).strip().splitlines()[-1]
+            raise CorruptImageError(last.split(": ", 1)[1] if last.startswith("fastmeal.") else last) from None
+        yield batch
+
+
 class TorchvisionLoader(LoaderBase):
     """Batches ``(images [B,3,S,S] channels-last, labels [B] int64)`` on ``device`` (the Loader protocol)."""
 
@@ -122,7 +143,7 @@ class TorchvisionLoader(LoaderBase):
         self.sampler = build_sampler(split_name, len(dataset), rank=rank, world_size=world_size, seed=cfg.runtime.seed)
         drop_last = train and cfg.data.last_batch == "drop"
         self.num_batches, self.num_samples = epoch_counts(len(self.sampler), batch_size, drop_last)
-        workers = cfg.data.workers
+        workers = clamp_workers(cfg.data.workers)
         # Worker seeds come from this generator: runtime.seed + rank gives each rank its own augmentations.
         generator = torch.Generator().manual_seed(cfg.runtime.seed + rank)
         # DataLoader workers are forked, as in the reference. A child forked while a DALI pipeline's threads
@@ -139,13 +160,33 @@ class TorchvisionLoader(LoaderBase):
                                   # the rank handles SIGTERM/SIGUSR1 (preemption); its workers must not die of it
                                   worker_init_fn=ignore_preemption_signals,
                                   prefetch_factor=cfg.data.prefetch if workers else None)
+        LIVE_LOADERS.add(self)
+
+    def close(self) -> None:
+        """End the worker processes now (idempotent); the loader can still be iterated afterwards.
+
+        Called on every exit path (``fastmeal.data.close_loaders``): the workers ignore SIGTERM (the rank
+        handles preemption), so multiprocessing's exit-time ``terminate()`` + ``join()`` would wait on them
+        forever.
+        """
+        iterator = getattr(self._loader, "_iterator", None)
+        if iterator is None:
+            return
+        workers = list(getattr(iterator, "_workers", ()))
+        with contextlib.suppress(Exception):
+            iterator._shutdown_workers()  # the graceful way: each worker reads its end marker and exits
+        for w in workers:
+            if w.is_alive():
+                w.kill()
+                w.join(timeout=5)
+        self._loader._iterator = None
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # Without set_epoch the next pass is the next epoch (the DALI backend does the same), not a
         # replay of the last order as a bare DistributedSampler would give.
         self.sampler.set_epoch(self._epoch)
         self._epoch += 1
-        for images, labels, skipped in self._loader:
+        for images, labels, skipped in _worker_errors_named(self._loader):
             for path in skipped:
                 if path not in self._skipped:
                     self._skipped.add(path)
