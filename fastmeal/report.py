@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastmeal.metrics import format_duration, read_jsonl
+from fastmeal.console import format_duration
+from fastmeal.metrics import read_jsonl
 
 log = logging.getLogger("fastmeal.report")
 
