@@ -83,7 +83,7 @@ def open_bank(cfg: Config, loader: Any) -> store.BankReader:
         raise store.BankError(f"the bank {cfg.bank.path} was built from teachers {have} but model.teachers names {want}"
                               "; build a bank for these teachers or set model.teachers to the bank's")
     log.info("bank %s: epochs %s, top-%d, teachers %s (captured mass %.4f, KL %.5f)", cfg.bank.path,
-             store._ranges(reader.epochs), reader.top_k, ", ".join(have),
+             store.format_ranges(reader.epochs), reader.top_k, ", ".join(have),
              reader.manifest.get("summary", {}).get("captured_mass", float("nan")),
              reader.manifest.get("summary", {}).get("kl", float("nan")))
     return reader

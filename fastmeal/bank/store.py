@@ -340,7 +340,7 @@ class BankReader:
         if missing:
             built = sorted(e for e, c in self._chunks.items() if epoch_status(c)[0] is not None)
             raise BankError(f"the bank {self.root} lacks epoch(s) {', '.join(missing)} that this run needs "
-                            f"(it holds {_ranges(built) or 'none'}); build them with `fastmeal bank build --out "
+                            f"(it holds {format_ranges(built) or 'none'}); build them with `fastmeal bank build --out "
                             f"{self.root} --epochs A:B`, or train fewer epochs (schedule.epochs)")
         self._epoch: int | None = None
         self._records: np.ndarray | None = None
@@ -404,7 +404,7 @@ class BankReader:
         return sorted(e for e, c in self._chunks.items() if epoch_status(c)[0] is not None)
 
 
-def _ranges(values: list[int]) -> str:
+def format_ranges(values: list[int]) -> str:
     """``[0, 1, 2, 5]`` → ``"0-2, 5"``."""
     out, start = [], None
     for i, v in enumerate(values):
