@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                backend=args.backend, device=device).replace({"data.last_batch": "keep"})
         torch.manual_seed(0)
         teachers0 = [create_model(t.tag, num_classes=num_classes) for t in cfg.model.teachers]
-        teachers = build_teachers(cfg, device, models=teachers0)
+        teachers = build_teachers(cfg, device, models=teachers0, batch_sizes=[batch])
         print(f"bench_bank_build on {harness.device_name(device)}: {' + '.join(size.teachers)} at {size.image_size} "
               f"px, batch {batch}, {workers} workers" + ("" if on_cuda else "  [CPU SMOKE RUN]"), flush=True)
         images = torch.randn(batch, 3, size.image_size, size.image_size, device=device).to(

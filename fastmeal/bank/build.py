@@ -153,7 +153,8 @@ def build_bank(cfg: Config, out: str | Path, *, epochs: range | None = None, top
 
         models = build_teacher_models(cfg)
         teacher_info = teacher_identity(cfg, models)
-        teachers = build_teachers(cfg, dist.device, models=models)
+        # The per-rank batch's CUDA graphs are captured now, before the loader runs (as `fastmeal train` does).
+        teachers = build_teachers(cfg, dist.device, models=models, batch_sizes=[loader.batch_size])
     if teacher_info is None:
         raise ValueError("teacher_info is needed with injected teachers")
     if loader.num_classes != cfg.model.num_classes:
