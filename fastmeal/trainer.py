@@ -136,31 +136,29 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def cutmix_(images: Tensor) -> tuple[Tensor, float, Tensor]:
-    """MEAL V2's CutMix, in place: one box per batch pasted from a random permutation of the batch.
+def cutmix_(images: Tensor, *, seed: int, epoch: int, step: int) -> tuple[Tensor, float, Tensor]:
+    """MEAL V2's CutMix, in place: one box per batch pasted from a permutation of the batch.
 
-    λ ~ Beta(1, 1) (uniform); the box has area ≈ (1-λ)·H·W, centre uniform, clipped to the image (the
-    CutMix reference's ``rand_bbox``). The box and λ are drawn from the CPU generator (no host sync);
-    the permutation on the batch's device.
+    λ, the box and the permutation are :func:`fastmeal.data.plan.plan_cutmix`'s for (seed, epoch, step):
+    λ ~ Beta(1, 1) (uniform), a box of area ≈ (1-λ)·H·W with a uniform centre, clipped to the image (the
+    CutMix reference's ``rand_bbox``). A keyed draw, not torch's RNG: a resumed run mixes exactly as the
+    uninterrupted one, and no host sync is needed.
 
     Args:
         images: ``[B, 3, H, W]``; modified in place (teachers and student both see the result).
+        seed, epoch, step: ``runtime.seed`` and the step's position (step within the epoch, 0-based).
 
     Returns:
         ``(images, lam, perm)``: ``lam`` is the share of each image that is still its own (after
         clipping), ``perm`` ``[B]`` says whose pixels fill the box of each row.
     """
+    from fastmeal.data.plan import plan_cutmix
+
     batch, _, height, width = images.shape
-    lam = float(torch.rand(()))  # Beta(1, 1) is the uniform distribution
-    cut = math.sqrt(1.0 - lam)
-    cut_h, cut_w = int(height * cut), int(width * cut)
-    cy, cx = int(torch.randint(height, ())), int(torch.randint(width, ()))
-    y1, y2 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
-    x1, x2 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
-    perm = torch.randperm(batch, device=images.device)
+    lam, (y1, y2, x1, x2), perm = plan_cutmix(seed, epoch, step, batch, height=height, width=width)
+    perm = torch.from_numpy(perm).to(images.device, non_blocking=True)
     # The right side is an advanced-indexing copy, so overlapping rows read the unmixed pixels.
     images[:, :, y1:y2, x1:x2] = images[perm, :, y1:y2, x1:x2]
-    lam = 1.0 - (y2 - y1) * (x2 - x1) / (height * width)
     return images, lam, perm
 
 
@@ -445,7 +443,7 @@ class Trainer:
         images = images.contiguous(memory_format=self.memory_format)
         mix = None
         if self.cfg.data.cutmix:
-            images, lam, perm = cutmix_(images)
+            images, lam, perm = cutmix_(images, seed=self.cfg.runtime.seed, epoch=self.epoch, step=self.step_in_epoch)
             mix = (lam, perm)
         teacher_logits = None
         if self.teachers is not None and records is None:
@@ -541,16 +539,14 @@ class Trainer:
         cfg, epoch = self.cfg, self.epoch
         lr = cfg.lr_at(epoch)
         set_lr(self.optimizer, lr)
-        self.train_loader.set_epoch(epoch)
+        # Mid-epoch resume: a batch is a function of (seed, epoch, step), so the loader starts at the step
+        # after the checkpoint's without reading the batches before it.
+        self.train_loader.set_epoch(epoch, start_step=self.step_in_epoch)
         self.model.train()
         num_steps = self.steps_per_epoch()
         batches = iter(self.train_loader)
         if self.step_in_epoch:
-            # Mid-epoch resume: the loader's order is a function of (seed, epoch); skip what was done.
-            log.info("resuming epoch %d at step %d/%d: skipping %d batches", epoch, self.step_in_epoch, num_steps,
-                     self.step_in_epoch)
-            for _ in range(self.step_in_epoch):
-                next(batches)
+            log.info("resuming epoch %d at step %d/%d", epoch, self.step_in_epoch, num_steps)
         bar = tqdm(total=num_steps, initial=self.step_in_epoch, desc=f"epoch {epoch}", dynamic_ncols=True,
                    disable=not (self.is_main and progress_enabled(cfg.logging.progress_bar)), leave=False)
         epoch_start = window_start = time.perf_counter()
