@@ -21,8 +21,9 @@
 # Budget: the steps are one table below, in order of value. Each step has WANT seconds (what it gets when the
 # budget allows) and MIN seconds (the least it may start with). A step starts with
 # min(WANT, what is left - the MINs of the steps after it), so whatever an earlier step does, every later step
-# still gets at least its MIN, and no step can overrun the suite: its command is killed at its limit, and the
-# benchmarks are told a deadline a little earlier so that they write their JSON (after every row) first.
+# still gets at least its MIN, and no step can overrun the suite: its command gets SIGTERM 5 s before its limit
+# and SIGKILL at it, and the benchmarks are told a deadline earlier still, so that they write their JSON (after
+# every row) first.
 # WANT and MIN are scaled by SUITE_BUDGET_S / 460. To add a step, add a row and a run_<name> function.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -48,9 +49,9 @@ QUICK=${FAST:+--quick}
 STEPS=(
   "versions          25  10"
   "pytest-gpu       110  45"
-  "data              40  20"
+  "data              45  20"
   "bench_train_step 150  70"
-  "bench_teachers    60  30"
+  "bench_teachers    55  30"
   "bench_kd_loss     35  20"
   "bench_loader      30  15"
   "bench_bank_build  45  20"
@@ -117,7 +118,8 @@ PY
 
 run_pytest_gpu() {
   # --continue-on-collection-errors: a file that fails to import is reported, the other files still run.
-  "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
+  # -v: one line per test as it finishes, so a step killed at its limit still shows what passed.
+  "$PY" -m pytest -v -m gpu -p no:cacheprovider --continue-on-collection-errors \
     --junitxml="$OUT/pytest_gpu.xml" tests
 }
 
@@ -184,8 +186,11 @@ for i in "${!NAMES[@]}"; do
     continue
   fi
   LIMIT_S=$(secs "$limit")
-  # Benchmarks stop starting work at DEADLINE_S: 85% of the limit, so that the JSON is written before the kill.
-  DEADLINE_S=$(secs $((limit * 85 / 100)))
+  # SIGTERM at TERM_S, SIGKILL KILL_S later (at the limit at the latest); benchmarks stop starting work at
+  # DEADLINE_S, 85% of TERM_S, so that their JSON is written before either.
+  kill_ms=$((5 * SCALE_PERMILLE))
+  TERM_S=$(secs $((limit - kill_ms))); KILL_S=$(secs "$kill_ms")
+  DEADLINE_S=$(secs $(((limit - kill_ms) * 85 / 100)))
   log "=== $name (limit ${LIMIT_S}s, $(secs $(($(now_ms) - T0)))s into the suite) ==="
   t0=$(now_ms)
   if [ "$name" = "${SUITE_SLOW:-}" ]; then
@@ -199,9 +204,9 @@ for i in "${!NAMES[@]}"; do
     # A function cannot be given to `timeout`: run it in a child bash that has the functions and variables.
     export -f "${cmd[0]}"
     export PY OUT QUICK FAST DATA DEADLINE_S
-    timeout --kill-after=5 "$LIMIT_S" bash -c "${cmd[0]}" 2>&1 | tee -a "$OUT/suite.log"
+    timeout --kill-after="$KILL_S" "$TERM_S" bash -c "${cmd[0]}" 2>&1 | tee -a "$OUT/suite.log"
   else
-    timeout --kill-after=5 "$LIMIT_S" "${cmd[@]}" 2>&1 | tee -a "$OUT/suite.log"
+    timeout --kill-after="$KILL_S" "$TERM_S" "${cmd[@]}" 2>&1 | tee -a "$OUT/suite.log"
   fi
   rc=${PIPESTATUS[0]}
   took=$(secs $(($(now_ms) - t0)))

@@ -90,6 +90,9 @@ def _fsync_dir(directory: Path) -> None:
 class DiskFullError(OSError):
     """No space left (or quota exceeded) while writing ``path``; the message names it and the free space."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)
+
 
 def _disk_full(err: OSError, path: Path) -> DiskFullError:
     try:
@@ -115,9 +118,9 @@ def _atomic_file(path: Path) -> Iterator[IO[bytes]]:
     """Yield a file to write; on success it is flushed, fsync'ed and renamed to ``path``; on error removed.
 
     The temporary file is ``.NAME.tmp-PID`` next to ``path``: :func:`remove_temporaries` removes those
-    whose writer is gone. A full disk raises :class:`DiskFullError` naming ``path``.
+    whose writer is gone. A full disk raises :class:`DiskFullError` naming ``path``. The directory must
+    exist: a run dir deleted under a run fails its next write instead of coming back empty.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with tmp.open("wb") as f:
@@ -135,14 +138,17 @@ def _atomic_file(path: Path) -> Iterator[IO[bytes]]:
     _fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, make_parents: bool = True) -> None:
     """Write ``data`` to ``path`` atomically (temporary file, flush + fsync, rename)."""
-    with _atomic_file(Path(path)) as f:
+    path = Path(path)
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with _atomic_file(path) as f:
         f.write(data)
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike, *,
-                      save: Callable[[Any, Any], None] = torch.save) -> str:
+def atomic_torch_save(obj: Any, path: str | os.PathLike, *, save: Callable[[Any, Any], None] = torch.save,
+                      make_parents: bool = True) -> str:
     """``torch.save`` ``obj`` to ``path`` atomically; returns the SHA-256 of the file's bytes.
 
     A fastmeal checkpoint (``format`` entry) gets its content digest (:func:`state_digest`) stored
@@ -151,6 +157,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike, *,
     path = Path(path)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         obj = {**obj, "digest": state_digest(obj)}
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
     with _atomic_file(path) as f:
         writer = _HashingWriter(f)
         save(obj, writer)
@@ -324,7 +332,7 @@ def _to_tuples(value: Any) -> Any:
 
 
 def save_student_weights(state_dict: dict[str, torch.Tensor], stem: str | os.PathLike, *,
-                         global_step: int | None = None) -> tuple[Path, Path]:
+                         global_step: int | None = None, make_parents: bool = True) -> tuple[Path, Path]:
     """Write the bare student's weights as ``STEM.safetensors`` and ``STEM.pth``, atomically.
 
     Both load with ``timm.create_model(tag, checkpoint_path=FILE)`` and with
@@ -341,7 +349,7 @@ def save_student_weights(state_dict: dict[str, torch.Tensor], stem: str | os.Pat
     plain = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     st_path, pth_path = stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".pth")
     metadata = {"format": "pt", **({"global_step": str(global_step)} if global_step is not None else {})}
-    atomic_write_bytes(st_path, safetensors_save(plain, metadata=metadata))
+    atomic_write_bytes(st_path, safetensors_save(plain, metadata=metadata), make_parents=make_parents)
     with _atomic_file(pth_path) as f:
         torch.save(plain, f)
     return st_path, pth_path
@@ -369,6 +377,7 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.enabled = enabled
         self.export_dir = Path(export_dir) if export_dir is not None else None
+        self._made = False
 
     @property
     def best_path(self) -> Path:
@@ -440,7 +449,10 @@ class CheckpointManager:
             best = self.best_top1()
             state = {**state, "top1": top1, "is_best": top1 is not None and (best is None or top1 > best)}
         path = self.path_for(global_step)
-        atomic_torch_save(state, path, save=save)
+        if not self._made:  # later saves never re-create it: a deleted run dir fails instead of restarting empty
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._made = True
+        atomic_torch_save(state, path, save=save, make_parents=False)
         self.publish(path, state)
         return path
 
@@ -456,23 +468,26 @@ class CheckpointManager:
             if not (best and best.get("global_step") == step and self.best_path.is_file()):
                 self._link(path, self.best_path)
             best = {"top1": float(state["top1"]), "global_step": step, "from": path.name}
-            atomic_write_bytes(self.directory / "best.json", json.dumps(best).encode())
+            atomic_write_bytes(self.directory / "best.json", json.dumps(best).encode(), make_parents=False)
         exports: dict[str, int] = {}
         if self.export_dir is not None:
-            save_student_weights(state["student"], self.export_dir / "student_last", global_step=step)
+            save_student_weights(state["student"], self.export_dir / "student_last", global_step=step,
+                                 make_parents=False)
             exports["student_last"] = step
             if best is not None:
                 if best["global_step"] == step:
-                    save_student_weights(state["student"], self.export_dir / "student_best", global_step=step)
+                    save_student_weights(state["student"], self.export_dir / "student_best", global_step=step,
+                                         make_parents=False)
                 elif not self._export_current("student_best", best["global_step"]):
                     # A kill left the exports behind best.pt: re-derive them from it.
                     save_student_weights(load_checkpoint(self.best_path)["student"],
-                                         self.export_dir / "student_best", global_step=best["global_step"])
+                                         self.export_dir / "student_best", global_step=best["global_step"],
+                                         make_parents=False)
                 exports["student_best"] = best["global_step"]
         manifest = {"format": "fastmeal-manifest", "latest": path.name, "global_step": step,
                     "epoch": int(state["epoch"]), "step_in_epoch": int(state["step_in_epoch"]), "best": best,
                     "exports": exports}
-        atomic_write_bytes(self.manifest_path, (json.dumps(manifest, indent=1) + "\n").encode())
+        atomic_write_bytes(self.manifest_path, (json.dumps(manifest, indent=1) + "\n").encode(), make_parents=False)
         self._prune()
 
     def _export_current(self, stem: str, step: int) -> bool:
@@ -514,6 +529,8 @@ class CheckpointManager:
 
     def _link(self, src: Path, dst: Path) -> None:
         # A hard link is an atomic, free copy; a file system without links gets a real copy.
+        if dst.exists() and os.path.samefile(src, dst):
+            return  # rename() of two links to one file would do nothing and leave the temporary behind
         tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
         tmp.unlink(missing_ok=True)
         try:

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import errno
 import json
+import logging
 import os
 import sys
 import traceback
@@ -59,14 +60,28 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is at the time of each record (not the one of
+    the first call): ``main`` may run several times in one process (tests, notebooks)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # noqa: ANN201 - logging.StreamHandler's attribute
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001
+        pass
+
+
 def _setup_logging() -> None:
     """INFO lines from rank 0, warnings only from the other ranks (STYLE: one rank-0 logger)."""
-    import logging
-
     level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
     logger = logging.getLogger("fastmeal")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
         logger.addHandler(handler)
     logger.setLevel(level)
@@ -130,6 +145,7 @@ def cmd_bank_build(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from fastmeal.evaluate import evaluate_config
+    from fastmeal.metrics import finite_json
 
     extra = {"model.student": args.model, "model.student_weights": args.weights, "data.root": args.data,
              "data.image_size": args.res, "data.eval_resize": args.resize, "data.eval_batch_size": args.batch_size,
@@ -139,7 +155,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _setup_logging()
     result = evaluate_config(cfg, progress=not args.no_progress)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(finite_json(result), indent=2, allow_nan=False))
     else:
         print(f"{result['model']} ({result['weights']}) at {result['image_size']} px (resize {result['eval_resize']}):"
               f" top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
@@ -270,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, not at interpreter exit, so that a closed pipe is handled below
+        return code
     except ConfigError as err:
         print(f"fastmeal: config error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

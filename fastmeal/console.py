@@ -7,7 +7,7 @@ import sys
 
 
 def format_duration(seconds: float | None) -> str:
-    """``3725`` → ``1:02:05``; ``90000`` → ``1d 01:00:00``; None → ``?``."""
+    """``3725`` → ``1:02:05``; ``90000`` → ``1d 1:00:00``; None → ``?``."""
     if seconds is None or not math.isfinite(seconds):
         return "?"
     seconds = int(round(seconds))

@@ -51,6 +51,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fastmeal.config import Config, build_config
+from fastmeal.metrics import finite_json
 from fastmeal.trainer import Trainer, TrainerHook
 
 log = logging.getLogger("fastmeal.demo")
@@ -300,7 +301,7 @@ def run_demo(out: str | Path = "demo_out", *, seed: int = 0, settings: DemoSetti
         "device": _device_name(distill_cfg),
         "total_seconds": time.perf_counter() - start,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps(finite_json(summary), indent=2, allow_nan=False) + "\n")
     print(format_table(summary))
     print(f"summary written to {out / 'summary.json'}")
     _write_report([out / "distilled", *([out / "control"] if control else [])], out / "report")

@@ -345,8 +345,9 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep_last=cfg.runtime.keep_last,
                                              enabled=self.dist.is_main, export_dir=self.run_dir)
         self.lock = RunDirLock(self.run_dir)
-        self._run_dir_open = False
+        self._run_dir_open = self._claimed = False
         self._saved_once = False
+        self._fit_origin: tuple[float, int] | None = None  # (time, global step) when fit() started: the ETA's pace
         self.writer = MetricsWriter(self.run_dir, enabled=False)  # fit() opens the real one (rank 0)
         self.epoch = 0
         self.step_in_epoch = 0
@@ -395,7 +396,8 @@ class Trainer:
         if self.is_main:
             try:
                 self.lock.acquire()
-                problem = None if resuming else self._claim_run_dir()
+                # A second fit() of this trainer continues its own run: nothing to refuse.
+                problem = None if resuming or self._claimed else self._claim_run_dir()
             except RunDirError as err:
                 problem = str(err)
         from fastmeal.distributed import all_gather_objects
@@ -404,7 +406,7 @@ class Trainer:
         if problem:
             self.lock.release()
             raise RunDirError(problem)
-        self._run_dir_open = True
+        self._run_dir_open = self._claimed = True
         if self.is_main:
             stale = self.checkpoints.remove_stale_temporaries()
             if stale:
@@ -465,6 +467,9 @@ class Trainer:
     def _forward_backward(self, images: Tensor, teacher_logits: Tensor | None, labels: Tensor,
                           mix: tuple[float, Tensor] | None,
                           records: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
+        if self.compiled and mix is not None:
+            # CutMix's λ as a 0-dim tensor: torch.compile specialises on a Python float, a new λ every step.
+            mix = (torch.tensor(mix[0], dtype=torch.float32), mix[1])
         # Compiled, the student's forward and the loss are one region (their own phases would break the graph).
         with phase("student_fwd") if self.compiled else contextlib.nullcontext():
             out = self.train_model(images, teacher_logits, labels, mix, records)
@@ -527,7 +532,7 @@ class Trainer:
 
     def eta_seconds(self) -> float | None:
         """Seconds left for the whole run (every remaining epoch, evaluations included) at this run's pace so far."""
-        origin = getattr(self, "_fit_origin", None)
+        origin = self._fit_origin
         if origin is None or self.global_step <= origin[1]:
             return None
         total = self.cfg.schedule.epochs * self.steps_per_epoch()
@@ -721,8 +726,10 @@ class Trainer:
                                       f"{self.global_step}")
         try:
             path = self.checkpoints.save(state, global_step=self.global_step, top1=top1)
-        except FileNotFoundError:
+        except (FileNotFoundError, CheckpointError):
             self.lock.check()  # deleted under our feet: say so rather than a bare missing temporary
+            if self.checkpoints.directory.is_dir():
+                raise
             raise RunDirVanishedError(f"{self.checkpoints.directory} vanished during a save (deleted?): stopping "
                                       "without a checkpoint of this step") from None
         self._saved_once = True
@@ -743,6 +750,7 @@ class Trainer:
         except (ValueError, KeyError) as err:
             raise CheckpointError(f"{source}: the optimiser state does not fit this run ({err}); was it written "
                                   "with another loss.mode or model?") from err
+        init_momentum_buffers(self.optimizer)  # a state saved before any step has none (see build_optimizer)
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])

@@ -731,10 +731,38 @@ def test_gpu_fp16_first_step_overflow_leaves_zero_momentum_and_the_next_step_is_
 def test_gpu_compiled_student_step_matches_eager_and_sets_cudnn_benchmark(tmp_path):
     torch._dynamo.reset()
     eager = _gpu_trainer(tmp_path / "e", **{"runtime.compile": "off", "precision.mode": "fp32"})
-    compiled = _gpu_trainer(tmp_path / "c", **{"precision.mode": "fp32"})  # runtime.compile=auto: on with CUDA
+    compiled = _gpu_trainer(tmp_path / "c", **{"precision.mode": "fp32", "runtime.compile": "auto"})  # on with CUDA
     assert compiled.compiled and torch.backends.cudnn.benchmark is True
     eager_losses, compiled_losses = _steps(eager), _steps(compiled)
     assert compiled.compiled, "torch.compile fell back to eager on the GPU (see the warning)"
     torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-3, atol=1e-5)
     for (name, x), (_, y) in zip(eager.model.state_dict().items(), compiled.model.state_dict().items(), strict=True):
         torch.testing.assert_close(y, x, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_compiled_cutmix_step_does_not_recompile_for_each_lambda(tmp_path, monkeypatch):
+    """CE mode with CutMix: λ changes every step; the compiled step must not specialise on it."""
+    import fastmeal.trainer
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setitem(fastmeal.trainer.COMPILE_OPTIONS, "backend", counting_backend)
+    torch._dynamo.reset()
+    overrides = {"loss.mode": "ce", "data.cutmix": "true"}
+    eager = make_trainer(tiny_config(tmp_path / "e", **{**overrides, "runtime.compile": "off"}))
+    compiled = make_trainer(tiny_config(tmp_path / "c", **{**overrides, "runtime.compile": "on"}))
+    torch.manual_seed(5)
+    eager_losses = _steps(eager, 1)
+    torch.manual_seed(5)
+    compiled_losses = _steps(compiled, 1)
+    after_first = len(graphs)
+    torch.manual_seed(6)
+    eager_losses += _steps(eager, 3)
+    torch.manual_seed(6)
+    compiled_losses += _steps(compiled, 3)
+    assert compiled.compiled and after_first >= 1 and len(graphs) == after_first
+    torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-5, atol=1e-6)

@@ -80,8 +80,8 @@ def close_loaders() -> None:
     module = sys.modules.get("fastmeal.data.torchvision")
     if module is None:
         return
-    for loader in list(module.LIVE_LOADERS):
-        loader.close()
+    for iterator in list(module.LIVE_ITERATORS):
+        module.close_iterator(iterator)
 
 
 def _register_exit_handler() -> None:

@@ -27,6 +27,7 @@ import math
 import sys
 import weakref
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,8 +56,21 @@ from fastmeal.distributed import ignore_preemption_signals
 
 log = logging.getLogger(__name__)
 
-# Every loader with worker processes, for close_loaders() on every exit path.
-LIVE_LOADERS: weakref.WeakSet[TorchvisionLoader] = weakref.WeakSet()
+# Every DataLoader iterator with worker processes, for close_loaders() on every exit path. The iterators,
+# not the loaders: after an exception, an iterator can outlive its loader in a cycle with the traceback.
+LIVE_ITERATORS: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def close_iterator(iterator: Any) -> None:
+    """End a DataLoader iterator's worker processes now: the graceful way, then SIGKILL for any left."""
+    workers = list(getattr(iterator, "_workers", ()))
+    with contextlib.suppress(Exception):
+        iterator._shutdown_workers()  # each worker reads its end marker and exits; its pids are unregistered
+    for w in workers:
+        if w.is_alive():
+            w.kill()
+            w.join(timeout=5)
+    LIVE_ITERATORS.discard(iterator)
 
 
 _BILINEAR = transforms.InterpolationMode.BILINEAR
@@ -199,6 +213,8 @@ def _collate(batch: list[tuple[torch.Tensor, int, tuple[str, ...]]]) -> tuple[to
 def _worker_errors_named(loader: DataLoader) -> Iterator:
     """Iterate ``loader``; a worker's CorruptImageError comes out with its own message, not the worker's traceback."""
     iterator = iter(loader)
+    if getattr(iterator, "_workers", None):
+        LIVE_ITERATORS.add(iterator)
     while True:
         try:
             batch = next(iterator)
@@ -248,26 +264,7 @@ class TorchvisionLoader(LoaderBase):
                                   # the rank handles SIGTERM/SIGUSR1 (preemption); its workers must not die of it
                                   worker_init_fn=ignore_preemption_signals,
                                   prefetch_factor=cfg.data.prefetch if workers else None)
-        LIVE_LOADERS.add(self)
 
-    def close(self) -> None:
-        """End the worker processes now (idempotent); the loader can still be iterated afterwards.
-
-        Called on every exit path (``fastmeal.data.close_loaders``): the workers ignore SIGTERM (the rank
-        handles preemption), so multiprocessing's exit-time ``terminate()`` + ``join()`` would wait on them
-        forever.
-        """
-        iterator = getattr(self._loader, "_iterator", None)
-        if iterator is None:
-            return
-        workers = list(getattr(iterator, "_workers", ()))
-        with contextlib.suppress(Exception):
-            iterator._shutdown_workers()  # the graceful way: each worker reads its end marker and exits
-        for w in workers:
-            if w.is_alive():
-                w.kill()
-                w.join(timeout=5)
-        self._loader._iterator = None
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, start = self._begin_pass()
