@@ -15,6 +15,10 @@ weights, the same per-device batch, the same JPEG files and the same CPU threads
   CUDA, ``meal_v2_loss(impl="auto")``, fused SGD).
 * ``fastmeal_eager`` — the same with ``runtime.compile=off`` (on CUDA only: on a CPU the product's student
   is eager already): what compiling the student adds.
+* ``bank`` — fastmeal trained from a soft-label bank (``bank.path``): the same loader and trainer, no
+  teachers; each step's top-K records (K=5, fp16 + int16) are copied from pinned host memory to the device,
+  as the bank loader does, and the loss is ``bank_meal_v2_loss(impl="auto")`` (the sparse-target kernel on
+  CUDA). The records are random (speed does not depend on their values); MFU counts the student only.
 
 Every mode runs under the same ``cudnn.benchmark`` (``--cudnn-benchmark``, on by default, as ``fastmeal
 train`` sets it).
@@ -82,10 +86,12 @@ from fastmeal.models.factory import build_discriminator, build_student, build_te
 from fastmeal.profiling import phase  # noqa: E402
 from fastmeal.trainer import DistillationModel, Trainer, build_optimizer  # noqa: E402
 
-MODES = ("reference", "fastmeal", "fastmeal_eager")
-# The order runs are started in, by value: the product first, the reference for its ratio, then the product
-# with an eager student (what torch.compile adds; on a CPU the product is eager already, so it is left out).
-RUN_ORDER = ("fastmeal", "reference", "fastmeal_eager")
+MODES = ("reference", "fastmeal", "fastmeal_eager", "bank")
+BANK_TOP_K = 5
+# The order runs are started in, by value: the product first, the reference for its ratio, the product from a
+# soft-label bank (its goal is a ratio to the online step), then the product with an eager student (what
+# torch.compile adds; on a CPU the product is eager already, so it is left out).
+RUN_ORDER = ("fastmeal", "reference", "bank", "fastmeal_eager")
 PHASES = ("data", "teachers", "student_fwd", "loss", "backward", "optimizer")
 COLUMNS = ["mode", "batch", "loader", "images_per_s", "speedup_vs_ref", "step_images_per_s", "step_speedup_vs_ref",
            "data_wait_pct", "data_stall_pct", "mfu_pct", "peak_mib", *(f"ms_{p}" for p in (*PHASES, "other"))]
@@ -439,6 +445,34 @@ class FastmealRun:
         self.trainer.train_step(images, labels)
 
 
+class BankRun(FastmealRun):
+    """fastmeal from a soft-label bank: the product's loader and :meth:`Trainer.train_step` with records, no teachers.
+
+    Args:
+        cfg: as :class:`FastmealRun`; ``bank.path`` is set here (the trainer then needs no teachers).
+        student, discriminator: fresh copies (trained here).
+        device: where it runs.
+        run_dir: the trainer's run folder.
+    """
+
+    def __init__(self, cfg: Config, *, student: nn.Module, discriminator: nn.Module, device: torch.device,
+                 run_dir: Path) -> None:
+        cfg = cfg.replace({"bank.path": "synthetic-records"})
+        super().__init__(cfg, student=student, discriminator=discriminator, teachers=None, device=device,
+                         run_dir=run_dir, mode="bank")
+        gen = torch.Generator().manual_seed(0)
+        probs, classes = torch.softmax(4 * torch.randn(cfg.data.batch_size, cfg.model.num_classes, generator=gen),
+                                       -1).topk(BANK_TOP_K)
+        pin = device.type == "cuda"
+        self._host = tuple(t.pin_memory() if pin else t for t in (probs.half(), classes.to(torch.int16)))
+
+    def step(self, images: Tensor, labels: Tensor) -> None:
+        """One bank step: the batch's records to the device, student forward, sparse-target loss, backward, SGD."""
+        n = images.shape[0]
+        records = tuple(t[:n].to(self.trainer.device, non_blocking=True) for t in self._host)
+        self.trainer.train_step(images, labels, records)
+
+
 # --------------------------------------------------------------------------------------------
 # Measuring one run
 # --------------------------------------------------------------------------------------------
@@ -635,7 +669,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          f"{size.batches})")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     on_cuda = device.type == "cuda"
-    modes = args.modes or (list(MODES) if on_cuda else ["reference", "fastmeal"])
+    modes = args.modes or (list(MODES) if on_cuda else ["reference", "fastmeal", "bank"])
     workers = args.workers if args.workers is not None else max(1, (os.cpu_count() or 2) - 2)
     if args.quick and args.workers is None:
         workers = 1
@@ -748,6 +782,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 if mode == "reference":
                     run: Any = ReferenceRun(cfg_b, student=student, discriminator=discriminator, teachers=ref_teachers,
                                             device=device)
+                elif mode == "bank":
+                    run = BankRun(cfg_b, student=student, discriminator=discriminator, device=device, run_dir=run_dir)
                 else:
                     run = FastmealRun(cfg_b, student=student, discriminator=discriminator, teachers=fm_teachers,
                                       device=device, run_dir=run_dir, mode=mode)
@@ -756,7 +792,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  f"{args.backend}, DALI {'installed' if dali_available() else 'absent'}): PIL on "
                                  "the same workers as the reference, so its end-to-end numbers are bounded by CPU "
                                  "JPEG decoding; step_images_per_s shows the step without the loader.")
-                row = measure(run, size, batch, device, flops["total"], peak["peak_tflops"], deadline)
+                mode_flops = flops["student_fwd_bwd"] if mode == "bank" else flops["total"]  # bank: no teachers
+                row = measure(run, size, batch, device, mode_flops, peak["peak_tflops"], deadline)
                 row["peak_mib"] = _peak_mib(device, base)
                 row["run_s"] = time.perf_counter() - t0
                 last_run[mode] = (batch, row["run_s"])
@@ -787,6 +824,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             step = pair["fastmeal"]["step_speedup_vs_ref"]
             print(f"batch {batch}: fastmeal {pair['fastmeal']['images_per_s']:.4g} img/s vs reference "
                   f"{pair['reference']['images_per_s']:.4g} img/s = {pair['fastmeal']['speedup_vs_ref']:.2f}x "
+                  f"end to end ({f'{step:.2f}x' if step else 'n/a'} step only)")
+        if {"fastmeal", "bank"} <= pair.keys():
+            step = (pair["bank"]["step_images_per_s"] / pair["fastmeal"]["step_images_per_s"]
+                    if pair["bank"]["step_images_per_s"] and pair["fastmeal"]["step_images_per_s"] else None)
+            print(f"batch {batch}: bank {pair['bank']['images_per_s']:.4g} img/s = "
+                  f"{pair['bank']['images_per_s'] / pair['fastmeal']['images_per_s']:.2f}x the online fastmeal step "
                   f"end to end ({f'{step:.2f}x' if step else 'n/a'} step only)")
     for note in notes:
         print("note:", note)

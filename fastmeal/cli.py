@@ -125,6 +125,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bank_build(args: argparse.Namespace) -> int:
+    from fastmeal.bank.build import build_bank, parse_epochs
+    from fastmeal.distributed import shutdown
+
+    cfg = config_from_args(args, **{"bank.top_k": args.top_k})
+    _setup_logging()
+    try:
+        summary = build_bank(cfg, args.out, epochs=parse_epochs(args.epochs, cfg.schedule.epochs),
+                             top_k=cfg.bank.top_k, chunk_records=cfg.bank.chunk_records, progress=not args.no_progress)
+    except _user_errors() as err:
+        return _report_user_error(err)
+    finally:
+        shutdown()
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from fastmeal.evaluate import evaluate_config
     from fastmeal.metrics import finite_json
@@ -210,6 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="auto|PATH",
                        help="continue from the newest valid checkpoint of the run dir (auto) or from PATH")
     train.set_defaults(func=cmd_train)
+
+    bank = sub.add_parser("bank", help="the soft-label bank: teacher outputs stored once, replayed by students")
+    bank_sub = bank.add_subparsers(dest="action", required=True)
+    build = bank_sub.add_parser("build", help="run the teachers over every planned crop and store their top-K")
+    _add_config_args(build)
+    build.add_argument("--out", required=True, metavar="BANK", help="bank folder (continued if it exists)")
+    build.add_argument("--epochs", metavar="A:B", help="build epochs A..B-1 only (default: schedule.epochs)")
+    build.add_argument("--top-k", type=int, metavar="K", help="probabilities kept per record (default bank.top_k=5)")
+    build.add_argument("--no-progress", action="store_true")
+    build.set_defaults(func=cmd_bank_build)
 
     ev = sub.add_parser("eval", help="top-1/top-5 of a model on a val split (single centre crop, SPEC protocol)")
     _add_config_args(ev)

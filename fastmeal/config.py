@@ -280,6 +280,23 @@ class ProfileConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class BankConfig:
+    """The soft-label bank: ``path`` set = train from its stored top-K records instead of live teachers.
+
+    ``top_k`` and ``chunk_records`` are what ``fastmeal bank build`` writes (``--top-k`` overrides).
+    """
+
+    path: str = ""
+    top_k: int = 5
+    chunk_records: int = 65536
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.top_k <= 64:
+            raise ConfigError(f"bank.top_k={self.top_k} must be in [1, 64]")
+        _check_positive("bank.chunk_records", self.chunk_records)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     """The whole run. ``name`` is the preset it came from (used in the default run dir)."""
 
@@ -294,6 +311,14 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    bank: BankConfig = field(default_factory=BankConfig)
+
+    def __post_init__(self) -> None:
+        if self.bank.path and self.loss.mode != "meal_v2":
+            raise ConfigError(f"bank.path={self.bank.path!r} holds teacher soft labels; it needs loss.mode=meal_v2")
+        if self.bank.path and self.data.cutmix:
+            raise ConfigError("bank.path with data.cutmix=true: CutMix mixes a batch before the teachers see it, so "
+                              "a per-image bank cannot hold their output; train the CutMix preset online")
 
     def lr_at(self, epoch: int) -> float:
         """The LR of every parameter group during ``epoch`` (0-based)."""

@@ -48,7 +48,7 @@ from fastmeal.config import Config
 from fastmeal.console import format_duration, progress_enabled
 from fastmeal.distributed import DistInfo, broadcast_buffers, check_ranks_agree, configure_device
 from fastmeal.evaluate import autocast_context, evaluate, resolve_precision
-from fastmeal.losses import meal_v2_loss
+from fastmeal.losses import bank_meal_v2_loss, meal_v2_loss
 from fastmeal.metrics import (
     DeviceMeans,
     MetricsWriter,
@@ -136,31 +136,29 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def cutmix_(images: Tensor) -> tuple[Tensor, float, Tensor]:
-    """MEAL V2's CutMix, in place: one box per batch pasted from a random permutation of the batch.
+def cutmix_(images: Tensor, *, seed: int, epoch: int, step: int) -> tuple[Tensor, float, Tensor]:
+    """MEAL V2's CutMix, in place: one box per batch pasted from a permutation of the batch.
 
-    λ ~ Beta(1, 1) (uniform); the box has area ≈ (1-λ)·H·W, centre uniform, clipped to the image (the
-    CutMix reference's ``rand_bbox``). The box and λ are drawn from the CPU generator (no host sync);
-    the permutation on the batch's device.
+    λ, the box and the permutation are :func:`fastmeal.data.plan.plan_cutmix`'s for (seed, epoch, step):
+    λ ~ Beta(1, 1) (uniform), a box of area ≈ (1-λ)·H·W with a uniform centre, clipped to the image (the
+    CutMix reference's ``rand_bbox``). A keyed draw, not torch's RNG: a resumed run mixes exactly as the
+    uninterrupted one, and no host sync is needed.
 
     Args:
         images: ``[B, 3, H, W]``; modified in place (teachers and student both see the result).
+        seed, epoch, step: ``runtime.seed`` and the step's position (step within the epoch, 0-based).
 
     Returns:
         ``(images, lam, perm)``: ``lam`` is the share of each image that is still its own (after
         clipping), ``perm`` ``[B]`` says whose pixels fill the box of each row.
     """
+    from fastmeal.data.plan import plan_cutmix
+
     batch, _, height, width = images.shape
-    lam = float(torch.rand(()))  # Beta(1, 1) is the uniform distribution
-    cut = math.sqrt(1.0 - lam)
-    cut_h, cut_w = int(height * cut), int(width * cut)
-    cy, cx = int(torch.randint(height, ())), int(torch.randint(width, ()))
-    y1, y2 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
-    x1, x2 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
-    perm = torch.randperm(batch, device=images.device)
+    lam, (y1, y2, x1, x2), perm = plan_cutmix(seed, epoch, step, batch, height=height, width=width)
+    perm = torch.from_numpy(perm).to(images.device, non_blocking=True)
     # The right side is an advanced-indexing copy, so overlapping rows read the unmixed pixels.
     images[:, :, y1:y2, x1:x2] = images[perm, :, y1:y2, x1:x2]
-    lam = 1.0 - (y2 - y1) * (x2 - x1) / (height * width)
     return images, lam, perm
 
 
@@ -206,7 +204,8 @@ class DistillationModel(nn.Module):
         self.autocast_dtype = autocast_dtype
 
     def forward(self, images: Tensor, teacher_logits: Tensor | None = None, labels: Tensor | None = None,
-                mix: tuple[float, Tensor] | None = None) -> dict[str, Tensor]:
+                mix: tuple[float, Tensor] | None = None,
+                records: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
         """Student forward and loss.
 
         Args:
@@ -215,6 +214,8 @@ class DistillationModel(nn.Module):
             labels: ``[B]`` int64 (CE mode; MEAL V2 ignores them: no hard-label term, SPEC step 8).
             mix: ``(lam, perm)`` from CutMix in CE mode: the labels are mixed as CutMix does. MEAL V2
                 needs nothing (the teachers saw the same mixed images).
+            records: ``(probs, classes)`` ``[B, K]`` soft-label bank records (MEAL V2 from a bank,
+                instead of ``teacher_logits``): :func:`fastmeal.losses.bank_meal_v2_loss`.
 
         Returns:
             Scalar fp32 loss parts and ``logits`` ``[B, C]``.
@@ -222,7 +223,9 @@ class DistillationModel(nn.Module):
         with _phase("student_fwd"), autocast_context(images.device, self.autocast_dtype):
             logits = self.student(images)
         with _phase("loss"):
-            if self.mode == "meal_v2":
+            if self.mode == "meal_v2" and records is not None:
+                out = bank_meal_v2_loss(logits, *records, self.discriminator, impl=self.loss_impl)
+            elif self.mode == "meal_v2":
                 if teacher_logits is None:
                     raise ValueError("loss.mode=meal_v2 needs teacher logits")
                 out = meal_v2_loss(logits, teacher_logits, self.discriminator, impl=self.loss_impl)
@@ -300,7 +303,7 @@ class Trainer:
         self.run_dir = Path(run_dir if run_dir is not None else cfg.resolved_run_dir)
         self.hooks = list(hooks)
         self.mode = cfg.loss.mode
-        if self.mode == "meal_v2" and teachers is None:
+        if self.mode == "meal_v2" and teachers is None and not cfg.bank.path:
             raise SetupError("loss.mode=meal_v2 needs teachers (build_teachers); use loss.mode=ce for hard labels")
         self.teachers = teachers if self.mode == "meal_v2" else None
         if cfg.loss.impl == "triton" and self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -433,38 +436,43 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- one step
 
-    def train_step(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        """One forward/backward/optimiser step on a batch; returns the loss parts (device tensors)."""
+    def train_step(self, images: Tensor, labels: Tensor,
+                   records: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
+        """One forward/backward/optimiser step on a batch; returns the loss parts (device tensors).
+
+        ``records``: the batch's soft-label bank records (``bank.path``), used instead of the teachers.
+        """
         images = images.contiguous(memory_format=self.memory_format)
         mix = None
         if self.cfg.data.cutmix:
-            images, lam, perm = cutmix_(images)
+            images, lam, perm = cutmix_(images, seed=self.cfg.runtime.seed, epoch=self.epoch, step=self.step_in_epoch)
             mix = (lam, perm)
         teacher_logits = None
-        if self.teachers is not None:
+        if self.teachers is not None and records is None:
             with phase("teachers"), torch.no_grad():
                 teacher_logits = self.teachers(images)
         if not self.compiled:
-            out = self._forward_backward(images, teacher_logits, labels, mix)
+            out = self._forward_backward(images, teacher_logits, labels, mix, records)
         else:
             try:
-                out = self._forward_backward(images, teacher_logits, labels, mix)
+                out = self._forward_backward(images, teacher_logits, labels, mix, records)
             except Exception as err:  # noqa: BLE001 - any compile/codegen failure: the same step, eagerly
                 self._fall_back_to_eager(err)
-                out = self._forward_backward(images, teacher_logits, labels, mix)
+                out = self._forward_backward(images, teacher_logits, labels, mix, records)
         with phase("optimizer"):
             self.scaler.step(self.optimizer)
             self.scaler.update()
         return out
 
     def _forward_backward(self, images: Tensor, teacher_logits: Tensor | None, labels: Tensor,
-                          mix: tuple[float, Tensor] | None) -> dict[str, Tensor]:
+                          mix: tuple[float, Tensor] | None,
+                          records: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
         if self.compiled and mix is not None:
             # CutMix's λ as a 0-dim tensor: torch.compile specialises on a Python float, a new λ every step.
             mix = (torch.tensor(mix[0], dtype=torch.float32), mix[1])
         # Compiled, the student's forward and the loss are one region (their own phases would break the graph).
         with phase("student_fwd") if self.compiled else contextlib.nullcontext():
-            out = self.train_model(images, teacher_logits, labels, mix)
+            out = self.train_model(images, teacher_logits, labels, mix, records)
         with phase("backward"):
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(out["loss"]).backward()
@@ -536,16 +544,14 @@ class Trainer:
         cfg, epoch = self.cfg, self.epoch
         lr = cfg.lr_at(epoch)
         set_lr(self.optimizer, lr)
-        self.train_loader.set_epoch(epoch)
+        # Mid-epoch resume: a batch is a function of (seed, epoch, step), so the loader starts at the step
+        # after the checkpoint's without reading the batches before it.
+        self.train_loader.set_epoch(epoch, start_step=self.step_in_epoch)
         self.model.train()
         num_steps = self.steps_per_epoch()
         batches = iter(self.train_loader)
         if self.step_in_epoch:
-            # Mid-epoch resume: the loader's order is a function of (seed, epoch); skip what was done.
-            log.info("resuming epoch %d at step %d/%d: skipping %d batches", epoch, self.step_in_epoch, num_steps,
-                     self.step_in_epoch)
-            for _ in range(self.step_in_epoch):
-                next(batches)
+            log.info("resuming epoch %d at step %d/%d", epoch, self.step_in_epoch, num_steps)
         bar = tqdm(total=num_steps, initial=self.step_in_epoch, desc=f"epoch {epoch}", dynamic_ncols=True,
                    disable=not (self.is_main and progress_enabled(cfg.logging.progress_bar)), leave=False)
         epoch_start = window_start = time.perf_counter()
@@ -558,11 +564,11 @@ class Trainer:
             fetch = time.perf_counter()
             with phase("data"):
                 try:
-                    images, labels = next(batches)
+                    images, labels, *records = next(batches)  # a bank loader adds the batch's records
                 except StopIteration:
                     break
             data_wait += time.perf_counter() - fetch
-            parts = self.train_step(images, labels)
+            parts = self.train_step(images, labels, records[0] if records else None)
             values = {k: parts[k] for k in self.part_names}
             # A percentage, as val_top1 is (one unit for accuracy everywhere).
             values["train_top1"] = topk_correct(parts["logits"].detach().float(), labels, (1,))[0] * (
@@ -907,11 +913,15 @@ def build_trainer(cfg: Config, *, dist: DistInfo | None = None, hooks: Sequence[
     val_loader = build_loader(cfg, "val", rank=dist.rank, world_size=dist.world_size, device=dist.device)
     check_split_classes(cfg, train_loader, val_loader)  # before any model is built or downloaded
     check_dataset_classes(cfg, train_loader, "train")
+    if cfg.bank.path:  # soft labels from the bank: the teachers are neither built nor loaded
+        from fastmeal.bank.replay import BankLoader, open_bank
+
+        train_loader = BankLoader(train_loader, open_bank(cfg, train_loader), dist.device)
     student = build_student(cfg)
     discriminator = build_discriminator(cfg)
     # The per-rank batch's CUDA graphs are captured here (a partial last batch is padded into them).
     teachers = (build_teachers(cfg, dist.device, batch_sizes=[per_rank_batch(cfg.data.batch_size, dist.world_size)])
-                if cfg.loss.mode == "meal_v2" else None)
+                if cfg.loss.mode == "meal_v2" and not cfg.bank.path else None)
     seed_everything(cfg.runtime.seed + dist.rank)
     return Trainer(cfg, student=student, discriminator=discriminator, teachers=teachers, train_loader=train_loader,
                    val_loader=val_loader, dist=dist, hooks=hooks)

@@ -44,7 +44,7 @@ def test_quick_run_writes_both_modes_and_the_ratio(tmp_path):
         assert key in doc, key
     settings = doc["settings"]
     assert settings["quick"] is True
-    assert settings["modes"] == ["reference", "fastmeal"]
+    assert settings["modes"] == ["reference", "fastmeal", "bank"]
     flops = settings["flops_per_image"]
     parts = sum(v for k, v in flops.items() if k.startswith("teacher:")) + flops["student_fwd_bwd"]
     assert flops["total"] == pytest.approx(parts)
@@ -53,15 +53,17 @@ def test_quick_run_writes_both_modes_and_the_ratio(tmp_path):
     assert settings["matmul_peak"]["peak_tflops"] > 0
 
     rows = doc["rows"]
-    assert {(r["mode"], r["batch"]) for r in rows} == {(m, b) for m in ("reference", "fastmeal")
+    assert {(r["mode"], r["batch"]) for r in rows} == {(m, b) for m in ("reference", "fastmeal", "bank")
                                                        for b in settings["batches"]}
     for row in rows:
-        for key in ("images_per_s", "step_images_per_s", "mfu_pct", *(f"ms_{p}" for p in PHASES)):
+        phases = [p for p in PHASES if p != "teachers" or row["mode"] != "bank"]  # the bank step has no teachers
+        for key in ("images_per_s", "step_images_per_s", "mfu_pct", *(f"ms_{p}" for p in phases)):
             assert math.isfinite(row[key]) and row[key] > 0, (row["mode"], key, row[key])
         assert 0 <= row["data_wait_pct"] < 100
         assert row["images_per_s_min"] <= row["images_per_s_median"] <= row["images_per_s_max"]
         # The MFU is the row's own rate times the counted FLOPs over the measured peak (4 significant digits).
-        mfu = 100 * flops["total"] * row["images_per_s"] / (settings["matmul_peak"]["peak_tflops"] * 1e12)
+        counted = flops["student_fwd_bwd"] if row["mode"] == "bank" else flops["total"]
+        mfu = 100 * counted * row["images_per_s"] / (settings["matmul_peak"]["peak_tflops"] * 1e12)
         assert row["mfu_pct"] == pytest.approx(mfu, rel=2e-3)
     by_mode = {r["mode"]: r for r in rows}
     ref, fm = by_mode["reference"], by_mode["fastmeal"]
@@ -78,6 +80,8 @@ def test_quick_run_writes_both_modes_and_the_ratio(tmp_path):
     # The teacher engine's report is recorded with the numbers (BN folding, graphs).
     assert settings["teacher_engine"]["num_teachers"] == len(settings["teachers"])
     assert f"batch {settings['batches'][0]}: fastmeal" in proc.stdout
+    assert by_mode["bank"].get("ms_teachers") is None and by_mode["bank"]["loader"] == fm["loader"]
+    assert f"batch {settings['batches'][0]}: bank" in proc.stdout
 
     # The short table the device suite prints last reads the same file.
     summary = subprocess.run([sys.executable, str(BENCHMARKS / "bench_train_step.py"), "--summary", str(out)],

@@ -337,8 +337,23 @@ def corrupt_root(tmp_path):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_corrupt_file_error_names_it(corrupt_root, backend):
-    loader = build_loader(_cfg(corrupt_root, backend, **{"data.workers": 0}), "train")
+    # Both files have no readable header: the dataset index finds them, so the train loader fails at once.
     with pytest.raises(CorruptImageError, match=r"n00[12]/img_[12]\.JPEG") as info:
+        build_loader(_cfg(corrupt_root, backend, **{"data.workers": 0}), "train")
+    assert "skip_corrupt" in str(info.value)
+    # A file whose header reads but whose data is cut fails when it is decoded.
+    good = (corrupt_root / "train" / "n000" / "img_0.JPEG").read_bytes()
+    for name in ("n001/img_1.JPEG", "n002/img_2.JPEG"):
+        (corrupt_root / "train" / name).write_bytes(good)
+    noise = np.random.default_rng(0).integers(0, 256, (40, 52, 3), dtype=np.uint8)
+    truncated = corrupt_root / "train" / "n000" / "img_3.JPEG"
+    Image.fromarray(noise).save(truncated, quality=95)
+    data = truncated.read_bytes()
+    # Cut just after the start of scan: every crop window needs rows that are gone. (A file cut lower down
+    # still decodes in DALI when the planned window lies above the cut: ROI decoding stops at its last row.)
+    truncated.write_bytes(data[:data.index(b"\xff\xda") + 40])
+    loader = build_loader(_cfg(corrupt_root, backend, **{"data.workers": 0}), "train")
+    with pytest.raises(CorruptImageError, match=r"n000/img_3\.JPEG") as info:
         _epoch(loader)
     assert "skip_corrupt" in str(info.value)
 
@@ -369,7 +384,10 @@ def test_next_decodable_rule(corrupt_root):
 
 def test_dali_unnamed_decoder_error_is_confirmed_with_pil(corrupt_root):
     """DALI's decoder says "sample #k" without a path when the path is not in its message."""
-    loader = build_loader(_cfg(corrupt_root, "dali"), "train")
+    # The dataset index refuses files without a readable header up front unless skip_corrupt; with it, the
+    # substitutes are dropped here so that the decoder-message parsing itself is what is tested.
+    loader = build_loader(_cfg(corrupt_root, "dali", **{"data.skip_corrupt": True}), "train")
+    loader.substitutes.clear()
     from fastmeal.data.dali import _Batch
 
     paths = loader.paths

@@ -58,10 +58,10 @@ class TensorLoader:
         self.num_classes = NUM_CLASSES
         self.classes = tuple(f"c{i}" for i in range(NUM_CLASSES))
         self.dataset_size = self.num_samples = len(labels)
-        self.epoch = 0
+        self.epoch, self.start_step = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
 
     def __len__(self) -> int:
         return -(-len(self.labels) // self.batch_size)
@@ -70,7 +70,8 @@ class TensorLoader:
         n = len(self.labels)
         order = (torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
                  if self.shuffle else torch.arange(n))
-        for i in range(0, n, self.batch_size):
+        start, self.start_step = self.start_step, 0
+        for i in range(start * self.batch_size, n, self.batch_size):
             idx = order[i:i + self.batch_size]
             images = self.images[idx].to(self.device).contiguous(memory_format=torch.channels_last)
             yield images, self.labels[idx].to(self.device)
@@ -370,8 +371,8 @@ def test_cutmix_pastes_one_box_from_a_permutation():
     torch.manual_seed(0)
     images = torch.randn(6, 3, 20, 24)
     original = images.clone()
-    for _ in range(20):
-        mixed, lam, perm = cutmix_(images.clone())
+    for step in range(20):
+        mixed, lam, perm = cutmix_(images.clone(), seed=0, epoch=1, step=step)
         changed = (mixed != original).any(1)  # [B, H, W]
         box = changed.any(0)
         ys, xs = box.nonzero(as_tuple=True)

@@ -75,11 +75,11 @@ class ShardedTensorLoader:
         self.num_classes = NUM_CLASSES
         self.classes = tuple(f"c{i}" for i in range(NUM_CLASSES))
         self.dataset_size = len(labels)
-        self.epoch = 0
+        self.epoch, self.start_step = 0, 0
         self.num_samples = len(self._indices())
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
 
     def _indices(self) -> list[int]:
         n = len(self.labels)
@@ -99,7 +99,8 @@ class ShardedTensorLoader:
 
     def __iter__(self):
         indices = self._indices()
-        for i in range(0, len(indices), self.batch):
+        start, self.start_step = self.start_step, 0
+        for i in range(start * self.batch, len(indices), self.batch):
             idx = torch.tensor(indices[i:i + self.batch])
             yield self.images[idx], self.labels[idx]
 

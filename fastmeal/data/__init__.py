@@ -5,6 +5,12 @@ the training device, ``images`` normalised ``[B,3,S,S]`` in channels-last memory
 :func:`fastmeal.data.common.images_dtype`, ``labels`` int64 class indices in sorted-folder order.
 ``data.backend=auto`` picks DALI when it imports and says so; ``dali`` without DALI fails with the
 install command.
+
+The train augmentation is the crop plan (:mod:`fastmeal.data.plan`): image ``i`` of epoch ``e`` is the
+RandomResizedCrop box and flip ``plan_crops(runtime.seed, e, [i], height_i, width_i)``, the sizes from the
+split's :class:`~fastmeal.data.index.DatasetIndex` (built once and cached). A train loader can start an
+epoch at any step (``set_epoch(epoch, start_step)``) and says which images each step reads
+(``epoch_indices``), so a resumed run sees exactly the batches of the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -16,13 +22,16 @@ import sys
 from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from fastmeal.config import Config
 from fastmeal.data.common import CorruptImageError, DataError, images_dtype, scan_split
+from fastmeal.data.index import DatasetIndex, build_index
 from fastmeal.distributed import per_rank_batch, resolve_device
 
-__all__ = ["CorruptImageError", "DataError", "Loader", "build_loader", "choose_backend", "close_loaders",
+__all__ = ["CorruptImageError", "DataError", "DatasetIndex", "Loader", "build_index", "build_loader", "choose_backend",
+           "close_loaders",
            "dali_available", "images_dtype"]
 
 log = logging.getLogger(__name__)
@@ -39,13 +48,20 @@ class Loader(Protocol):
     num_classes: int
     dataset_size: int  # samples in the whole split
     num_samples: int  # samples this rank sees per epoch
+    index: DatasetIndex | None  # train: the split's files and image sizes (the plan's input); val: None
 
     @property
     def num_skipped(self) -> int:
         """Corrupt files skipped so far (``data.skip_corrupt=true``)."""
         ...
 
-    def set_epoch(self, epoch: int) -> None: ...
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """The next pass is epoch ``epoch`` from step ``start_step`` (the steps before it are not read)."""
+        ...
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """Dataset indices this rank reads in ``epoch``, in order; step k's batch is ``[k·B:(k+1)·B]``."""
+        ...
 
     def __len__(self) -> int: ...
 
@@ -127,11 +143,28 @@ def build_loader(cfg: Config, split: str, *, rank: int = 0, world_size: int = 1,
         log.info("data.backend=auto chose %s%s", backend,
                  "" if backend == "dali" else f" (DALI is not installed: `{DALI_INSTALL}` for the fast loader)")
     scanned = scan_split(cfg.data.root, split)
+    index = _shared_index(cfg, scanned, rank=rank, world_size=world_size) if split == "train" else None
+    kwargs = dict(rank=rank, world_size=world_size, device=device, batch_size=batch_size, index=index)
     if backend == "dali":
         from fastmeal.data.dali import DaliLoader
 
-        return DaliLoader(cfg, scanned, split, rank=rank, world_size=world_size, device=device, batch_size=batch_size)
+        return DaliLoader(cfg, scanned, split, **kwargs)
     from fastmeal.data.torchvision import TorchvisionLoader
 
-    return TorchvisionLoader(cfg, scanned, split, rank=rank, world_size=world_size, device=device,
-                             batch_size=batch_size)
+    return TorchvisionLoader(cfg, scanned, split, **kwargs)
+
+
+def _shared_index(cfg: Config, split, *, rank: int, world_size: int) -> DatasetIndex:
+    """The train split's index; in a process group rank 0 builds (and caches) it while the others wait."""
+    import torch.distributed as tdist
+
+    grouped = world_size > 1 and tdist.is_available() and tdist.is_initialized()
+    workers = max(1, cfg.data.workers)
+    progress = rank == 0 and cfg.logging.progress_bar
+    if grouped and rank != 0:
+        tdist.barrier()  # rank 0 has cached it: read it from there
+        return build_index(split, workers=workers, progress=False)
+    index = build_index(split, workers=workers, progress=progress)
+    if grouped:
+        tdist.barrier()
+    return index

@@ -2,9 +2,10 @@
 
 The graph (:func:`define_graph`) reproduces the reference's augmentation (SPEC, "Data"):
 
-* train: fused ROI decode + random crop (area 0.08–1, aspect 3/4–4/3, 10 attempts, as
-  RandomResizedCrop) → bilinear resize to S×S (antialiased, as PIL) → horizontal flip p=0.5 →
-  normalise with the ImageNet mean/std;
+* train: the crop plan (:func:`fastmeal.data.plan.plan_crops`: RandomResizedCrop's box and the flip, a
+  function of (seed, epoch, image)) enters with the paths through ``external_source``; the decoder decodes
+  only that window (``fn.decoders.image_slice``, libjpeg-turbo's / nvJPEG's ROI decode) → bilinear resize
+  to S×S (antialiased, as PIL) → the planned horizontal flip → normalise with the ImageNet mean/std;
 * val: decode → resize the short side to R = int(256/224·S), the long side to ``floor(R·long/short)``
   (torchvision's rule) → centre crop S at torchvision's offset ``round((H-S)/2)`` (round half to even)
   → normalise.
@@ -35,7 +36,8 @@ a resumed run would not see the uninterrupted run's order, and its ``pad_last_ba
 The pipeline lives across epochs and prefetches across epoch boundaries: the batches planned next are
 those of the following epoch. ``set_epoch`` to another epoch, or a pass abandoned mid-epoch
 (``runtime.max_steps_per_epoch``), discards the (at most ``data.prefetch``) batches already in flight.
-Augmentation seeds are ``runtime.seed`` mixed with the rank.
+No operator draws a random number: a train batch is a function of (seed, epoch, step), and a pass can start
+at any step (``set_epoch(epoch, start_step)``) without reading the files of the steps before it.
 
 Corrupt files: the error names the file (DALI's message when it does, else the in-flight batch's file
 at the failing sample index, confirmed with PIL) as :class:`~fastmeal.data.common.CorruptImageError`.
@@ -60,19 +62,17 @@ import torch
 
 from fastmeal.config import Config
 from fastmeal.data.common import (
-    CROP_AREA,
-    CROP_ASPECT,
     IMAGENET_MEAN,
     IMAGENET_STD,
     CorruptImageError,
     DataError,
     LoaderBase,
     Split,
-    build_sampler,
-    epoch_counts,
     load_rgb,
     next_decodable,
 )
+from fastmeal.data.index import DatasetIndex
+from fastmeal.data.plan import plan_crops
 
 log = logging.getLogger(__name__)
 
@@ -82,19 +82,43 @@ _DEVICE_MEMORY_PADDING = 211_025_920
 _HOST_MEMORY_PADDING = 140_544_512
 _PREALLOCATE_WIDTH_HINT = 5_980
 _PREALLOCATE_HEIGHT_HINT = 6_430
-_PATHS = "paths"
 # Every DALI pipeline this process built that still exists (its native threads with it). A child
 # forked while they run can deadlock, so the torchvision backend checks this before forking workers.
 # Pipelines, not loaders: a traceback that holds a failed pipeline keeps its threads alive too.
 LIVE_PIPELINES: weakref.WeakSet = weakref.WeakSet()
 
 
-def define_graph(paths: Any, *, train: bool, image_size: int, eval_resize: int, decoder_device: str,
+def decoder_args(decoder_device: str, hw_decoder_load: float) -> dict[str, Any]:
+    """Keyword arguments of every decoder of the graph: RGB as PIL gives it, EXIF ignored (PIL ignores it)."""
+    from nvidia.dali import types
+
+    args: dict[str, Any] = dict(device=decoder_device, output_type=types.RGB, adjust_orientation=False)
+    if decoder_device == "mixed":
+        args.update(hw_decoder_load=hw_decoder_load, device_memory_padding=_DEVICE_MEMORY_PADDING,
+                    host_memory_padding=_HOST_MEMORY_PADDING, preallocate_width_hint=_PREALLOCATE_WIDTH_HINT,
+                    preallocate_height_hint=_PREALLOCATE_HEIGHT_HINT)
+    return args
+
+
+def resize_flip_normalize(images: Any, mirror: Any, *, image_size: int, dali_dtype: Any) -> Any:
+    """Crops of any size → ``[S, S, 3]``: bilinear antialiased resize (as PIL), flip, ImageNet normalisation."""
+    from nvidia.dali import fn, types
+
+    images = fn.resize(images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR,
+                       antialias=True)
+    return fn.crop_mirror_normalize(images, mirror=mirror, mean=[255.0 * m for m in IMAGENET_MEAN],
+                                    std=[255.0 * s for s in IMAGENET_STD], dtype=dali_dtype, output_layout="HWC")
+
+
+def define_graph(inputs: list[Any], *, train: bool, image_size: int, eval_resize: int, decoder_device: str,
                  dali_dtype: Any, hw_decoder_load: float) -> Any:
-    """The DALI graph of one split, from file paths to normalised crops; call inside a ``Pipeline``.
+    """The DALI graph of one split, from file paths (and the crop plan) to normalised crops; call inside a ``Pipeline``.
 
     Args:
-        paths: DataNode of file paths, one uint8 array of the path's bytes per sample.
+        inputs: DataNodes from the external source: ``[paths]`` for val, ``[paths, anchor, shape, flip]``
+            for train. ``paths``: one uint8 array of the path's bytes per sample; ``anchor``: int32
+            ``[left, top]``, ``shape``: int32 ``[width, height]`` (the planned box, absolute pixels);
+            ``flip``: int32 0/1.
         train: the training augmentation, else the eval preprocessing (module docstring).
         image_size: S, the output side; ``eval_resize``: R, the eval short side.
         decoder_device: ``"mixed"`` (nvJPEG; every later op on the GPU) or ``"cpu"``.
@@ -107,24 +131,18 @@ def define_graph(paths: Any, *, train: bool, image_size: int, eval_resize: int, 
     from nvidia.dali import fn, types
     from nvidia.dali import math as dmath
 
-    encoded = fn.io.file.read(paths)
-    decoder_args: dict[str, Any] = dict(device=decoder_device, output_type=types.RGB, adjust_orientation=False)
-    if decoder_device == "mixed":
-        decoder_args.update(hw_decoder_load=hw_decoder_load, device_memory_padding=_DEVICE_MEMORY_PADDING,
-                            host_memory_padding=_HOST_MEMORY_PADDING, preallocate_width_hint=_PREALLOCATE_WIDTH_HINT,
-                            preallocate_height_hint=_PREALLOCATE_HEIGHT_HINT)
+    encoded = fn.io.file.read(inputs[0])
+    args = decoder_args(decoder_device, hw_decoder_load)
+    if train:
+        _, anchor, shape, flip = inputs
+        # Integer anchor/shape are absolute pixels in "WH" order: only the planned window is decoded.
+        images = fn.decoders.image_slice(encoded, anchor, shape, axis_names="WH", **args)
+        return resize_flip_normalize(images, flip, image_size=image_size, dali_dtype=dali_dtype)
     mean = [255.0 * m for m in IMAGENET_MEAN]
     std = [255.0 * s for s in IMAGENET_STD]
-    if train:
-        images = fn.decoders.image_random_crop(encoded, random_area=list(CROP_AREA),
-                                               random_aspect_ratio=list(CROP_ASPECT), num_attempts=10, **decoder_args)
-        images = fn.resize(images, resize_x=image_size, resize_y=image_size, interp_type=types.INTERP_LINEAR,
-                           antialias=True)
-        return fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(probability=0.5), mean=mean, std=std,
-                                        dtype=dali_dtype, output_layout="HWC")
     # The GPU decoder's chroma upsampling differs slightly from libjpeg's; eval numbers should be the
     # reference's, so ask for libjpeg's ("fancy") upsampling there.
-    images = fn.decoders.image(encoded, jpeg_fancy_upsampling=decoder_device == "mixed", **decoder_args)
+    images = fn.decoders.image(encoded, jpeg_fancy_upsampling=decoder_device == "mixed", **args)
     # torchvision Resize(R): short side R, long side int(R·long/short) (floor). Integer arithmetic is
     # exact where float32 could land just below an integer and lose a pixel.
     shape = fn.peek_image_shape(encoded, adjust_orientation=False, dtype=types.INT64)  # [H, W, C]
@@ -168,72 +186,73 @@ class DaliLoader(LoaderBase):
     backend = "dali"
 
     def __init__(self, cfg: Config, split: Split, split_name: str, *, rank: int, world_size: int,
-                 device: torch.device, batch_size: int):
-        super().__init__(cfg, split, device=device, batch_size=batch_size)
+                 device: torch.device, batch_size: int, index: DatasetIndex | None = None):
+        super().__init__(cfg, split, split_name, rank=rank, world_size=world_size, device=device,
+                         batch_size=batch_size, index=index)
         self.cfg = cfg
-        self.train = split_name == "train"
-        self.rank = rank
         self.paths = split.paths
         self.labels = split.labels
-        self.sampler = build_sampler(split_name, len(split), rank=rank, world_size=world_size, seed=cfg.runtime.seed)
-        self._drop_last = self.train and cfg.data.last_batch == "drop"
-        self.num_batches, self.num_samples = epoch_counts(len(self.sampler), batch_size, self._drop_last)
-        self._substitute: dict[int, int] = {}  # corrupt sample index -> the index read in its place
-        self._bad: set[str] = set()
+        self._bad: set[str] = set(self._skipped)
         self._pipe = None
         self._queue: deque[_Batch] = deque()  # planned, not yet fed to DALI
         self._inflight: deque[_Batch] = deque()  # fed to DALI, not yet delivered
         self._next_plan = (0, 0)  # (epoch, batch index) of the next batch to plan
         # DALI batches kept alive until the copy out of them, queued on torch's stream, has run (CUDA).
         self._held: deque[tuple[torch.cuda.Event, Any]] = deque()
+        self.files_fed = 0  # files handed to DALI's reader so far (tests count them)
 
     # -- the Loader protocol -----------------------------------------------------------------
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch = self._epoch
-        self._epoch = epoch + 1  # a later set_epoch overrides; an abandoned pass still advances
+        epoch, start = self._begin_pass()  # a later set_epoch overrides; an abandoned pass still advances
         if self._pipe is None:
             self._build()
-        self._start_epoch(epoch)
-        for index in range(self.num_batches):
+        self._start_epoch(epoch, start)
+        for index in range(start, self.num_batches):
             batch, images = self._run()
             assert (batch.epoch, batch.index) == (epoch, index), "DALI delivered batches out of plan"
-            labels = torch.tensor([self.labels[self._substitute.get(i, i)] for i in batch.samples], dtype=torch.int64)
+            labels = torch.tensor([self.labels[self.substitutes.get(i, i)] for i in batch.samples], dtype=torch.int64)
             yield images, labels.to(self.device, non_blocking=True)
 
-    # -- planning: which paths the external source feeds --------------------------------------
-
-    def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        self.sampler.set_epoch(epoch)
-        order = list(self.sampler)
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        return batches[:self.num_batches]
+    # -- planning: which paths (and crop windows) the external source feeds --------------------
 
     def _plan_more(self) -> None:
         """Append the batches of the next planned epoch (prefetching runs across epoch boundaries)."""
         epoch, start = self._next_plan
-        for index, samples in enumerate(self._epoch_batches(epoch)[start:], start):
-            self._queue.append(_Batch(epoch, index, samples))
+        for index, samples in enumerate(self._step_batches(epoch, start), start):
+            self._queue.append(_Batch(epoch, index, samples.tolist()))
         self._next_plan = (epoch + 1, 0)
 
-    def _start_epoch(self, epoch: int) -> None:
-        """Make (epoch, 0) the next batch out of DALI, discarding prefetched batches of other plans."""
+    def _start_epoch(self, epoch: int, start: int) -> None:
+        """Make (epoch, start) the next batch out of DALI, discarding prefetched batches of other plans."""
         upcoming = self._inflight[0] if self._inflight else (self._queue[0] if self._queue else None)
-        if upcoming is not None and (upcoming.epoch, upcoming.index) == (epoch, 0):
+        if upcoming is not None and (upcoming.epoch, upcoming.index) == (epoch, start):
             return
         self._queue.clear()
-        self._next_plan = (epoch, 0)
+        self._next_plan = (epoch, start)
         stale = len(self._inflight)
         for _ in range(stale):  # decoded already or being decoded: run them out of the pipeline
             self._run()
 
-    def _source(self) -> list[np.ndarray]:
-        """DALI's external source: the paths of the next planned batch, as uint8 arrays of their bytes."""
+    def _source(self) -> tuple[Any, ...]:
+        """DALI's external source: the next planned batch.
+
+        val: ``(paths,)``; train: ``(paths, anchor [B,2], shape [B,2], flip [B])`` with the planned boxes
+        of the files actually read (a corrupt file's substitute is cropped with its own plan).
+        """
         if not self._queue:
             self._plan_more()
         batch = self._queue.popleft()
         self._inflight.append(batch)
-        return [np.frombuffer(self.paths[self._substitute.get(i, i)].encode(), dtype=np.uint8) for i in batch.samples]
+        reads = np.array([self.substitutes.get(i, i) for i in batch.samples], dtype=np.int64)
+        self.files_fed += len(reads)
+        paths = [np.frombuffer(self.paths[i].encode(), dtype=np.uint8) for i in reads.tolist()]
+        if not self.train:
+            return (paths,)
+        plan = plan_crops(self.seed, batch.epoch, reads, self.index.heights[reads], self.index.widths[reads])
+        anchor = np.stack([plan.left, plan.top], axis=1).astype(np.int32)
+        shape = np.stack([plan.width, plan.height], axis=1).astype(np.int32)
+        return paths, anchor, shape, plan.flip.astype(np.int32)
 
     # -- running DALI --------------------------------------------------------------------------
 
@@ -252,14 +271,20 @@ class DaliLoader(LoaderBase):
         # the pipeline and its threads at once.
         ref = weakref.ref(self)
         with pipe:
-            paths = fn.external_source(source=lambda: ref()._source(), batch=True, dtype=types.UINT8, name=_PATHS)
-            images = define_graph(paths, train=self.train, image_size=data.image_size,
-                                  eval_resize=data.resolved_eval_resize, decoder_device="mixed" if on_gpu else "cpu",
-                                  dali_dtype=dali_dtype, hw_decoder_load=data.dali_hw_decoder_load)
+            types_in = [types.UINT8, types.INT32, types.INT32, types.INT32] if self.train else [types.UINT8]
+            inputs = fn.external_source(source=lambda: ref()._source(), num_outputs=len(types_in), batch=True,
+                                        dtype=types_in)
+            images = self._define(list(inputs), decoder_device="mixed" if on_gpu else "cpu", dali_dtype=dali_dtype)
             pipe.set_outputs(images)
         pipe.build()
         self._pipe = pipe
         LIVE_PIPELINES.add(pipe)
+
+    def _define(self, inputs: list[Any], *, decoder_device: str, dali_dtype: Any) -> Any:
+        data = self.cfg.data
+        return define_graph(inputs, train=self.train, image_size=data.image_size,
+                            eval_resize=data.resolved_eval_resize, decoder_device=decoder_device,
+                            dali_dtype=dali_dtype, hw_decoder_load=data.dali_hw_decoder_load)
 
     def _drop_pipeline(self) -> None:
         """Forget the pipeline; what it had been fed but not delivered goes back to the front of the plan."""
@@ -292,15 +317,15 @@ class DaliLoader(LoaderBase):
             raise CorruptImageError(f"cannot decode image file {path} (DALI: {_failure_line(message)}); set "
                                     "data.skip_corrupt=true to skip such files") from err
         self._bad.add(path)
-        self._substitute[culprit] = next_decodable(self.paths, culprit + 1, self._bad)
+        self.substitutes[culprit] = next_decodable(self.paths, culprit + 1, self._bad)
         self._skipped.add(path)
         log.warning("skipped corrupt image %s (data.skip_corrupt=true; %d skipped so far); its slot holds %s",
-                    path, len(self._skipped), self.paths[self._substitute[culprit]])
+                    path, len(self._skipped), self.paths[self.substitutes[culprit]])
         self._build()  # fed the in-flight batches again, with the substitute in the bad file's slot
 
     def _culprit(self, message: str) -> int | None:
         """The dataset index of the file DALI could not read or decode, or None."""
-        files = {self._substitute.get(i, i) for batch in self._inflight for i in batch.samples}
+        files = {self.substitutes.get(i, i) for batch in self._inflight for i in batch.samples}
         named = [i for i in files if self.paths[i] in message]
         if named:
             return max(named, key=lambda i: len(self.paths[i]))  # "x/a.JPEG" is also in "x/ba.JPEG"'s message
@@ -311,7 +336,7 @@ class DaliLoader(LoaderBase):
             k = int(match.group(1))
             for batch in self._inflight:
                 if k < len(batch.samples):
-                    index = self._substitute.get(batch.samples[k], batch.samples[k])
+                    index = self.substitutes.get(batch.samples[k], batch.samples[k])
                     try:
                         load_rgb(self.paths[index])
                     except CorruptImageError:
@@ -320,7 +345,7 @@ class DaliLoader(LoaderBase):
         # first in-flight file that PIL cannot decode either.
         for batch in self._inflight:
             for i in batch.samples:
-                index = self._substitute.get(i, i)
+                index = self.substitutes.get(i, i)
                 try:
                     load_rgb(self.paths[index])
                 except CorruptImageError:

@@ -4,7 +4,10 @@ This is what the original MEAL V2 code runs (SPEC, "The reference implementation
 is the reference mode of the benchmarks and the fallback when DALI is not installed:
 
 * train: ``RandomResizedCrop(S, scale=(0.08, 1), ratio=(3/4, 4/3), bilinear)`` →
-  ``RandomHorizontalFlip()`` → ``ToTensor()`` → ``Normalize(ImageNet mean, std)``;
+  ``RandomHorizontalFlip()`` → ``ToTensor()`` → ``Normalize(ImageNet mean, std)``, with the box and the
+  flip taken from the crop plan (:func:`fastmeal.data.plan.plan_crops`) instead of torch's RNG: PIL crops
+  the planned box and torchvision resizes it exactly as ``RandomResizedCrop`` does with that box
+  (``F.resized_crop``), so the output is the reference's transform, bit for bit, given the box;
 * val: ``Resize(int(256/224·S), bilinear)`` → ``CenterCrop(S)`` → ``ToTensor()`` → ``Normalize``;
 * ``DataLoader`` with ``data.workers`` worker processes and ``pin_memory`` on CUDA.
 
@@ -12,7 +15,8 @@ Departures, none of which changes what a batch contains: the dataset is ImageFol
 :func:`fastmeal.data.common.scan_split` (identical order and labels) read with the same PIL loader but
 with errors that name the file; the training sampler is always a ``DistributedSampler`` (a world of one
 included) so that the order is a function of (seed, epoch), and a pass without ``set_epoch`` is the next
-epoch; val shards are exact (no padding); workers are persistent.
+epoch; a train pass may start at any step (``set_epoch(epoch, start_step)``: the batch sampler begins
+there, nothing before it is read); val shards are exact (no padding); workers are persistent.
 """
 
 from __future__ import annotations
@@ -25,9 +29,12 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 from torchvision import transforms
+from torchvision.transforms import functional as TF
 
 from fastmeal.config import Config
 from fastmeal.data.common import (
@@ -36,14 +43,15 @@ from fastmeal.data.common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     CorruptImageError,
+    DataError,
     LoaderBase,
     Split,
-    build_sampler,
     clamp_workers,
-    epoch_counts,
     load_rgb,
     next_decodable,
 )
+from fastmeal.data.index import DatasetIndex
+from fastmeal.data.plan import plan_crops
 from fastmeal.distributed import ignore_preemption_signals, worker_signals_blocked
 
 log = logging.getLogger(__name__)
@@ -65,19 +73,40 @@ def close_iterator(iterator: Any) -> None:
     LIVE_ITERATORS.discard(iterator)
 
 
+_BILINEAR = transforms.InterpolationMode.BILINEAR
+
+
 def build_transform(split: str, image_size: int, eval_resize: int) -> transforms.Compose:
-    """The reference's transforms for ``split`` (module docstring); PIL image in, ``[3,S,S]`` fp32 out."""
-    bilinear = transforms.InterpolationMode.BILINEAR
+    """The reference's own transforms for ``split``; PIL image in, ``[3,S,S]`` fp32 out.
+
+    The val loader uses it; the train loader replays the plan instead (:func:`planned_crop`), and the
+    train transform here, with torch's RNG, is the reference that benchmarks and tests compare with.
+    """
     if split == "train":
-        head = [transforms.RandomResizedCrop(image_size, scale=CROP_AREA, ratio=CROP_ASPECT, interpolation=bilinear),
+        head = [transforms.RandomResizedCrop(image_size, scale=CROP_AREA, ratio=CROP_ASPECT, interpolation=_BILINEAR),
                 transforms.RandomHorizontalFlip()]
     else:
-        head = [transforms.Resize(eval_resize, interpolation=bilinear), transforms.CenterCrop(image_size)]
+        head = [transforms.Resize(eval_resize, interpolation=_BILINEAR), transforms.CenterCrop(image_size)]
     return transforms.Compose([*head, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+def planned_crop(img: Image.Image, box: tuple[int, int, int, int], flip: bool, image_size: int) -> torch.Tensor:
+    """The reference's train transform with its random draws replaced by ``box`` and ``flip``.
+
+    ``RandomResizedCrop.forward`` is ``F.resized_crop(img, *get_params(...), size, bilinear, antialias)``:
+    the same call with the planned ``(top, left, height, width)``; then ``RandomHorizontalFlip``'s
+    ``F.hflip`` when ``flip``, ``ToTensor``, ``Normalize``. PIL image in, ``[3,S,S]`` fp32 out.
+    """
+    top, left, height, width = box
+    img = TF.resized_crop(img, top, left, height, width, [image_size, image_size], interpolation=_BILINEAR,
+                          antialias=True)
+    if flip:
+        img = TF.hflip(img)
+    return TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
+
+
 class FolderDataset(Dataset):
-    """ImageFolder over a scanned :class:`Split`, with errors that name the file.
+    """ImageFolder over a scanned :class:`Split` with the eval transform, with errors that name the file.
 
     ``__getitem__`` returns ``(image [3,S,S] fp32, label, skipped)`` where ``skipped`` is the tuple of
     corrupt paths that were replaced to produce this sample (empty unless ``skip_corrupt``). A corrupt
@@ -86,7 +115,6 @@ class FolderDataset(Dataset):
     """
 
     def __init__(self, split: Split, transform: transforms.Compose, *, skip_corrupt: bool = False):
-        self.split = split
         self.paths = split.paths
         self.labels = split.labels
         self.transform = transform
@@ -95,15 +123,70 @@ class FolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, tuple[str, ...]]:
+    def _load(self, index: int) -> tuple[Image.Image, int, tuple[str, ...]]:
+        """``(image, the index read, skipped paths)``: the file, or the next decodable one with skip_corrupt."""
         try:
-            return self.transform(load_rgb(self.paths[index])), self.labels[index], ()
+            return load_rgb(self.paths[index]), index, ()
         except CorruptImageError as err:
             if not self.skip_corrupt:
                 raise CorruptImageError(f"{err}; set data.skip_corrupt=true to skip such files") from err
             bad = {self.paths[index]}
             index = next_decodable(self.paths, index + 1, bad)
-            return self.transform(load_rgb(self.paths[index])), self.labels[index], tuple(sorted(bad))
+            return load_rgb(self.paths[index]), index, tuple(sorted(bad))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, tuple[str, ...]]:
+        img, read, skipped = self._load(index)
+        return self.transform(img), self.labels[read], skipped
+
+
+class PlannedDataset(FolderDataset):
+    """The train split: items are ``(epoch, dataset index)``; each image is cropped as the plan says.
+
+    ``__getitems__`` (what the DataLoader's fetcher calls with a whole batch) plans the batch in one
+    vectorised call. A substituted corrupt file is cropped with the plan of the file actually read.
+    """
+
+    def __init__(self, index: DatasetIndex, *, seed: int, image_size: int, substitutes: dict[int, int],
+                 skip_corrupt: bool = False):
+        self.paths = list(index.paths)
+        self.labels = index.labels.tolist()
+        self.heights, self.widths = index.heights, index.widths
+        self.seed, self.image_size = seed, image_size
+        self.substitutes = dict(substitutes)
+        self.skip_corrupt = skip_corrupt
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, tuple[str, ...]]:
+        return self.__getitems__([item])[0]
+
+    def __getitems__(self, items: list[tuple[int, int]]) -> list[tuple[torch.Tensor, int, tuple[str, ...]]]:
+        (epoch,) = {e for e, _ in items}  # a batch belongs to one epoch (PlannedBatches)
+        loaded = [self._load(self.substitutes.get(i, i)) for _, i in items]
+        reads = np.array([read for _, read, _ in loaded], dtype=np.int64)
+        plan = plan_crops(self.seed, epoch, reads, self.heights[reads], self.widths[reads])
+        out = []
+        for k, (img, read, skipped) in enumerate(loaded):
+            if img.size != (self.widths[read], self.heights[read]):
+                raise DataError(f"{self.paths[read]} is {img.size[0]}x{img.size[1]} but the dataset index says "
+                                f"{self.widths[read]}x{self.heights[read]}: the file changed during the run; "
+                                "restart it to index the dataset again")
+            out.append((planned_crop(img, plan.box(k), bool(plan.flip[k]), self.image_size), self.labels[read],
+                        skipped))
+        return out
+
+
+class PlannedBatches(Sampler[list[tuple[int, int]]]):
+    """The batch sampler of the train loader: one pass = the batches of ``epoch`` from ``start_step`` on."""
+
+    def __init__(self, loader: LoaderBase):
+        self.loader = loader
+        self.epoch, self.start_step = 0, 0
+
+    def __iter__(self):
+        for batch in self.loader._step_batches(self.epoch, self.start_step):
+            yield [(self.epoch, int(i)) for i in batch]
+
+    def __len__(self) -> int:
+        return self.loader.num_batches - self.start_step
 
 
 def _collate(batch: list[tuple[torch.Tensor, int, tuple[str, ...]]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -151,18 +234,20 @@ class TorchvisionLoader(LoaderBase):
     backend = "torchvision"
 
     def __init__(self, cfg: Config, split: Split, split_name: str, *, rank: int, world_size: int,
-                 device: torch.device, batch_size: int):
-        super().__init__(cfg, split, device=device, batch_size=batch_size)
-        self.split_name = split_name
-        train = split_name == "train"
-        dataset = FolderDataset(split, build_transform(split_name, cfg.data.image_size, cfg.data.resolved_eval_resize),
-                                skip_corrupt=cfg.data.skip_corrupt)
-        self.sampler = build_sampler(split_name, len(dataset), rank=rank, world_size=world_size, seed=cfg.runtime.seed)
-        drop_last = train and cfg.data.last_batch == "drop"
-        self.num_batches, self.num_samples = epoch_counts(len(self.sampler), batch_size, drop_last)
+                 device: torch.device, batch_size: int, index: DatasetIndex | None = None):
+        super().__init__(cfg, split, split_name, rank=rank, world_size=world_size, device=device,
+                         batch_size=batch_size, index=index)
         workers = clamp_workers(cfg.data.workers)
-        # Worker seeds come from this generator: runtime.seed + rank gives each rank its own augmentations.
-        generator = torch.Generator().manual_seed(cfg.runtime.seed + rank)
+        if self.train:
+            dataset: FolderDataset = PlannedDataset(index, seed=cfg.runtime.seed, image_size=cfg.data.image_size,
+                                                    substitutes=self.substitutes, skip_corrupt=cfg.data.skip_corrupt)
+            self._batches: PlannedBatches | None = PlannedBatches(self)
+            order = {"batch_sampler": self._batches}
+        else:
+            dataset = FolderDataset(split, build_transform("val", cfg.data.image_size, cfg.data.resolved_eval_resize),
+                                    skip_corrupt=cfg.data.skip_corrupt)
+            self._batches = None
+            order = {"sampler": self.sampler, "batch_size": batch_size}
         # DataLoader workers are forked, as in the reference. A child forked while a DALI pipeline's threads
         # run deadlocks (seen with DALI 2.4 on the CPU), so then the workers come from a fresh forkserver.
         dali = sys.modules.get("fastmeal.data.dali")
@@ -171,19 +256,21 @@ class TorchvisionLoader(LoaderBase):
             log.warning("a DALI pipeline lives in this process: DataLoader workers start from a forkserver "
                         "(forking now could deadlock them)")
             context = "forkserver"
-        self._loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
-                                  collate_fn=_collate, pin_memory=device.type == "cuda", drop_last=drop_last,
-                                  persistent_workers=workers > 0, generator=generator, multiprocessing_context=context,
+        # No random number is drawn in the workers (the plan is a function of the item): their seeds do not
+        # matter; the generator only keeps DataLoader from drawing its base seed from the global RNG.
+        self._loader = DataLoader(dataset, **order, num_workers=workers, collate_fn=_collate,
+                                  pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                  generator=torch.Generator().manual_seed(cfg.runtime.seed + rank),
+                                  multiprocessing_context=context,
                                   # the rank handles SIGTERM/SIGUSR1 (preemption); its workers must not die of it
                                   worker_init_fn=ignore_preemption_signals,
                                   prefetch_factor=cfg.data.prefetch if workers else None)
 
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        # Without set_epoch the next pass is the next epoch (the DALI backend does the same), not a
-        # replay of the last order as a bare DistributedSampler would give.
-        self.sampler.set_epoch(self._epoch)
-        self._epoch += 1
+        epoch, start = self._begin_pass()
+        if self._batches is not None:
+            self._batches.epoch, self._batches.start_step = epoch, start
         for images, labels, skipped in _worker_errors_named(self._loader):
             for path in skipped:
                 if path not in self._skipped:
