@@ -55,6 +55,8 @@ from fastmeal.data import build_loader, dali_available  # noqa: E402
 from fastmeal.data.common import CROP_AREA, CROP_ASPECT, scan_split  # noqa: E402
 from fastmeal.distributed import resolve_device  # noqa: E402
 
+FUSED = "@fused"  # the variant key suffix of the pre-plan augmentation
+
 
 def fused_loader(cfg, backend: str, device: torch.device):
     """The train loader with the pre-plan augmentation: random draws inside the pipeline (module docstring)."""
@@ -156,7 +158,9 @@ def _timed(stream, batches: int, device: torch.device) -> tuple[float, float]:
         x, _ = next(stream)
         images += x.shape[0]
     harness.sync(device)
-    return images / (time.perf_counter() - start), images / (cpu_seconds() - cpu_start)
+    # CPU time is counted in clock ticks: a run shorter than one tick is counted as one (a lower bound).
+    cpu = max(cpu_seconds() - cpu_start, 1 / (os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100))
+    return images / (time.perf_counter() - start), images / cpu
 
 
 def _warm_page_cache(root: str) -> tuple[int, int]:
@@ -182,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=0, help="warm-up batches (default: an epoch, at least 4)")
     parser.add_argument("--batches", type=int, default=0, help="batches per repeat (default: an epoch, at least 12)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--hw-decoder-loads", type=float, nargs="*", default=[],
+                        help="extra DALI train/val rows with these data.dali_hw_decoder_load values (CUDA only)")
     parser.add_argument("--json", help="write the result here")
     parser.add_argument("--no-fused", action="store_true", help="train: measure the plan only, not also the "
                         "pre-plan fused random crop")
@@ -195,6 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     if "dali" in backends and not dali_available():
         backends.remove("dali")
         notes.append("DALI is not installed here: only the torchvision backend was measured")
+    # (key, backend, config overrides): the hardware-decoder share variants measure the default's choice.
+    variants = [(b, b, {}) for b in backends]
+    if "dali" in backends and args.hw_decoder_loads:
+        if device.type == "cuda":
+            variants += [(f"dali@hw{v:g}", "dali", {"data.dali_hw_decoder_load": v}) for v in args.hw_decoder_loads]
+        else:
+            notes.append("--hw-decoder-loads ignored: the hardware JPEG decoder needs CUDA")
+    fused_variants = [] if args.no_fused else [(b + FUSED, b, {}) for b in backends]
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     num_files, num_bytes = _warm_page_cache(args.data)
     load_before = os.getloadavg()
@@ -208,70 +222,68 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.workers} workers/threads, batch {batch}, {args.image_size} px")
     rows = []
     for split in splits:
-        # The modes take turns, repeat by repeat, so that a load change on a shared machine hits all of them.
+        # The variants take turns, repeat by repeat, so that a load change on a shared machine hits all of them.
         # torchvision is built and started first: forking its workers while a DALI pipeline lives is refused.
-        if split == "train":
-            variants = ["plan"] if args.no_fused else ["plan", "fused"]
-        else:
-            variants = ["eval"]
-        modes = [(b, v) for b in backends for v in variants]
+        split_variants = variants + (fused_variants if split == "train" else [])
+        split_variants.sort(key=lambda v: v[1] != "torchvision")
         streams, meta, timers = {}, {}, {}
-        for backend, variant in modes:
-            if variant == "fused":
+        for key, backend, overrides in split_variants:
+            if key.endswith(FUSED):
                 loader = fused_loader(cfg, backend, device)
             else:
-                loader = build_loader(cfg.replace({"data.backend": backend}), split, device=device)
+                loader = build_loader(cfg.replace({"data.backend": backend, **overrides}), split, device=device)
             if backend == "dali":
-                timers[backend, variant] = SourceTimer(loader)
+                timers[key] = SourceTimer(loader)
             per_epoch = len(loader)
             # At least 12 batches per repeat: a small dataset at batch 256 has only a few per epoch.
             warmup = args.warmup or max(per_epoch, 4)
             count = args.batches or max(per_epoch, 12)
-            streams[backend, variant] = _forever(loader)
-            x, _ = next(streams[backend, variant])
+            streams[key] = _forever(loader)
+            x, _ = next(streams[key])
             for _ in range(warmup):
-                next(streams[backend, variant])
-            meta[backend, variant] = {"batches_per_repeat": count, "warmup_batches": warmup,
-                                      "batches_per_epoch": per_epoch, "dtype": str(x.dtype).replace("torch.", ""),
-                                      "channels_last": x.is_contiguous(memory_format=torch.channels_last)}
+                next(streams[key])
+            meta[key] = {"batches_per_repeat": count, "warmup_batches": warmup, "batches_per_epoch": per_epoch,
+                         "dtype": str(x.dtype).replace("torch.", ""),
+                         "channels_last": x.is_contiguous(memory_format=torch.channels_last)}
+            if backend == "dali":
+                meta[key]["hw_decoder_load"] = overrides.get("data.dali_hw_decoder_load", cfg.data.dali_hw_decoder_load)
             del loader, x
-        rates = {mode: [] for mode in modes}
-        per_cpu = {mode: [] for mode in modes}
+        rates = {key: [] for key in streams}
+        per_cpu = {key: [] for key in streams}
         for _ in range(args.repeats):
-            for mode in modes:
-                rate, cpu_rate = _timed(streams[mode], meta[mode]["batches_per_repeat"], device)
-                rates[mode].append(rate)
-                per_cpu[mode].append(cpu_rate)
-        for backend, variant in modes:
-            r, c = rates[backend, variant], per_cpu[backend, variant]
-            row = {"backend": backend, "split": split, "variant": variant, "images_per_s": statistics.median(r),
+            for key in streams:
+                rate, cpu_rate = _timed(streams[key], meta[key]["batches_per_repeat"], device)
+                rates[key].append(rate)
+                per_cpu[key].append(cpu_rate)
+        for key, backend, _ in split_variants:
+            r, c = rates[key], per_cpu[key]
+            row = {"backend": backend, "variant": key, "split": split, "images_per_s": statistics.median(r),
                    "min_images_per_s": min(r), "max_images_per_s": max(r), "images_per_cpu_s": statistics.median(c),
-                   "repeats": len(r), "all_images_per_s": r, "all_images_per_cpu_s": c, **meta[backend, variant]}
-            if (backend, variant) in timers:
-                row["source_ms_per_batch"] = timers[backend, variant].ms_per_batch()
+                   "repeats": len(r), "all_images_per_s": r, "all_images_per_cpu_s": c, **meta[key]}
+            if key in timers:
+                row["source_ms_per_batch"] = timers[key].ms_per_batch()
             rows.append(row)
-            print(f"{backend:12s} {split:5s} {variant:5s} {statistics.median(r):9.1f} img/s  (min {min(r):.1f}, "
-                  f"max {max(r):.1f}, {len(r)} x {meta[backend, variant]['batches_per_repeat']} batches)  "
-                  f"{statistics.median(c):8.1f} img/CPU-s", flush=True)
+            print(f"{key:18s} {split:5s} {statistics.median(r):9.1f} img/s  (min {min(r):.1f}, max {max(r):.1f}, "
+                  f"{len(r)} x {meta[key]['batches_per_repeat']} batches)  {statistics.median(c):8.1f} img/CPU-s",
+                  flush=True)
         streams.clear()  # ends the generators, so the loaders and their workers / pipelines go
         gc.collect()
     for split in splits:
-        product = {r["backend"]: r for r in rows if r["split"] == split and r["variant"] != "fused"}
-        if len(product) == 2:
-            ratio = product["dali"]["images_per_s"] / product["torchvision"]["images_per_s"]
-            cpu_ratio = product["dali"]["images_per_cpu_s"] / product["torchvision"]["images_per_cpu_s"]
-            for r in product.values():
+        by_variant = {r["variant"]: r for r in rows if r["split"] == split}
+        if "dali" in by_variant and "torchvision" in by_variant:
+            ratio = by_variant["dali"]["images_per_s"] / by_variant["torchvision"]["images_per_s"]
+            cpu_ratio = by_variant["dali"]["images_per_cpu_s"] / by_variant["torchvision"]["images_per_cpu_s"]
+            for r in (by_variant["dali"], by_variant["torchvision"]):
                 r["dali_over_torchvision"] = ratio
                 r["dali_over_torchvision_per_cpu_s"] = cpu_ratio
             print(f"{split}: DALI / torchvision = {ratio:.2f}x in images/s, {cpu_ratio:.2f}x in images per CPU-second")
         for backend in backends:
-            pair = {r["variant"]: r for r in rows if r["split"] == split and r["backend"] == backend}
-            if "plan" in pair and "fused" in pair:
-                ratio = pair["plan"]["images_per_s"] / pair["fused"]["images_per_s"]
-                cpu_ratio = pair["plan"]["images_per_cpu_s"] / pair["fused"]["images_per_cpu_s"]
-                pair["plan"]["plan_over_fused"] = ratio
-                pair["plan"]["plan_over_fused_per_cpu_s"] = cpu_ratio
-                print(f"{split} {backend}: plan / fused = {ratio:.3f}x in images/s, {cpu_ratio:.3f}x per CPU-second")
+            plan, fused = by_variant.get(backend), by_variant.get(backend + FUSED)
+            if plan is not None and fused is not None:
+                plan["plan_over_fused"] = plan["images_per_s"] / fused["images_per_s"]
+                plan["plan_over_fused_per_cpu_s"] = plan["images_per_cpu_s"] / fused["images_per_cpu_s"]
+                print(f"{split} {backend}: plan / fused = {plan['plan_over_fused']:.3f}x in images/s, "
+                      f"{plan['plan_over_fused_per_cpu_s']:.3f}x per CPU-second")
     settings = {"data": os.path.abspath(args.data), "num_files": num_files, "mean_file_kib": mean_kib,
                 "split_sizes": sizes, "device": str(device), "workers": args.workers, "batch": batch,
                 "image_size": args.image_size, "eval_resize": cfg.data.resolved_eval_resize,

@@ -10,7 +10,15 @@ Variants, each for every teacher alone and for the whole ensemble, at each batch
 * ``fp16_nchw_fold_graph`` — NCHW instead of channels-last, to choose the layout per teacher
   (SENet154 is known to run slower in channels-last sometimes);
 * ``fp16_cl_fold_graph_compile`` — ``torch.compile`` inside the graph (the ensemble only, at the middle
-  batch size: Inductor takes about a minute per teacher and shape).
+  batch size: Inductor takes about a minute per teacher and shape);
+* ``bf16_cl_fold_graph`` (``bf16_cl_fold`` on a CPU, which runs real bf16 there) — the engine in bf16
+  (``teacher_engine.dtype=bf16``), the ensemble at the middle batch size: its ``kl_vs_ref`` is the cost of
+  bf16 in soft-target terms.
+
+In fp16/bf16 the engine keeps each teacher's classifier in fp32 and returns fp32 logits; ``max_rel_err``
+and ``kl_vs_ref`` (KL of the FP32 reference's softmax to the variant's, per row, averaged) are that
+engine's distance to FP32. Every variant runs under the same ``cudnn.benchmark`` (``--cudnn-benchmark``,
+on by default as in ``fastmeal train``).
 
 Random weights (speed does not depend on them), with BatchNorm statistics calibrated on one random
 batch so that activations have a realistic scale and FP16 cannot overflow. Before timing, every
@@ -72,6 +80,7 @@ class Variant:
     fold_bn: bool
     cuda_graph: bool
     compile: bool
+    dtype: torch.dtype | None = None  # the low precision when it is not --dtype's
 
 
 VARIANTS = {v.name: v for v in (
@@ -81,6 +90,8 @@ VARIANTS = {v.name: v for v in (
     Variant("fp16_cl_fold_graph", True, True, True, True, False),
     Variant("fp16_nchw_fold_graph", True, False, True, True, False),
     Variant("fp16_cl_fold_graph_compile", True, True, True, True, True),
+    Variant("bf16_cl_fold_graph", True, True, True, True, False, torch.bfloat16),
+    Variant("bf16_cl_fold", True, True, True, False, False, torch.bfloat16),
 )}
 REFERENCE = "fp32_nchw_eager"
 COMPILE_RESERVE_S = 60.0  # budget left that a torch.compile row needs to start
@@ -116,6 +127,10 @@ def _plan(targets: list[str], batches: list[int], variants: list[str]) -> list[t
     for target, variant in order:
         if variant in variants:
             plan += [(target, variant, b) for b in batches]
+    # bf16's distance to FP32 (and its speed) at one batch size: the graph variant on CUDA, eager on a CPU.
+    bf16 = "bf16_cl_fold_graph" if "bf16_cl_fold_graph" in variants else "bf16_cl_fold"
+    if bf16 in variants:
+        plan.insert(len(batches) * 2, (ensemble, bf16, batches[len(batches) // 2]))
     # Inductor compiles per input shape (about a minute per teacher): the ensemble at one batch size.
     if "fp16_cl_fold_graph_compile" in variants:
         plan.append((ensemble, "fp16_cl_fold_graph_compile", batches[len(batches) // 2]))
@@ -148,8 +163,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                         help="the torch.compile variants (auto: on CUDA and not --quick)")
     parser.add_argument("--budget-s", type=float, default=125.0, help="stop starting new rows after this long")
+    parser.add_argument("--cudnn-benchmark", choices=["on", "off"], default="on",
+                        help="torch.backends.cudnn.benchmark for every variant (on: what fastmeal train does)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_cuda = device.type == "cuda"
@@ -168,10 +186,11 @@ def main(argv: list[str] | None = None) -> dict:
         size = args.image_size or 64
         warmup, repeats, inner = 1, 3, 1
         low = torch.float32  # the engine runs FP32 on the CPU (fastmeal.models.factory.teacher_dtype)
-        variants = [v for v in VARIANTS if not VARIANTS[v].cuda_graph]
+        variants = [v for v in VARIANTS if not VARIANTS[v].cuda_graph and v != "bf16_cl_fold"] + ["bf16_cl_fold"]
         notes.append("CPU SMOKE RUN: no CUDA; small stand-ins of senet154/resnet152s (same timm blocks, one block "
-                     f"per stage), {size} px, FP32 everywhere (the 'fp16' variants run FP32: the engine's CPU dtype), "
-                     "no CUDA graphs, no compile. The times say nothing about a GPU.")
+                     f"per stage), {size} px, FP32 (the 'fp16' variants run FP32: the engine's CPU dtype) except "
+                     "bf16_cl_fold, which is real bf16 (emulated slowly by most CPUs); no CUDA graphs, no compile. "
+                     "The times say nothing about a GPU; the bf16 row's kl_vs_ref is bf16's rounding, as on a GPU.")
         # One intra-op thread: on a shared CPU, two OpenMP threads waiting for each other made these small
         # convolutions up to 50x slower, and erratically so.
         torch.set_num_threads(1)
@@ -183,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     names = list(specs)
     targets = ["+".join(names), *names]
     settings = {"teachers": names, "image_size": size, "batches": batches, "low_precision": str(low),
+                "cudnn_benchmark": torch.backends.cudnn.benchmark,
                 "warmup": warmup, "repeats": repeats, "inner": inner, "quick": args.quick, "budget_s": args.budget_s,
                 "input": "random N(0,1) images in the variant's dtype and layout (as the loader hands them over)",
                 "weights": "random (pretrained=False), BN statistics calibrated on one random batch"}
@@ -206,8 +226,9 @@ def main(argv: list[str] | None = None) -> dict:
     plan = _plan(targets, batches, variants)
     for target, variant_name, batch in plan:
         variant = VARIANTS[variant_name]
+        dtype = (variant.dtype or low) if variant.low_precision else torch.float32
         row = {"target": target, "variant": variant_name, "batch": batch, "image_size": size,
-               "dtype": str(low if variant.low_precision else torch.float32).removeprefix("torch.")}
+               "dtype": str(dtype).removeprefix("torch.")}
         left = args.budget_s - (time.perf_counter() - start)
         # Inductor compiles each teacher for about a minute: do not start one that would overrun.
         if left < (COMPILE_RESERVE_S if variant.compile else 0):
@@ -220,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if on_cuda:
                     torch.cuda.empty_cache()
                 models = [copy.deepcopy(base[n]) for n in target.split("+")]
-                ens = TeacherEnsemble(models, device=device, dtype=low if variant.low_precision else torch.float32,
+                ens = TeacherEnsemble(models, device=device, dtype=dtype,
                                       channels_last=variant.channels_last, fold_bn=variant.fold_bn,
                                       cuda_graph=variant.cuda_graph and on_cuda, compile=variant.compile)
                 built = ((target, variant_name), ens)

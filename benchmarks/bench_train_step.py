@@ -10,8 +10,18 @@ weights, the same per-device batch, the same JPEG files and the same CPU threads
   (the eager op chain with its host-built target); torch's default SGD; ``loss.item()`` every step.
 * ``fastmeal`` — the product: :func:`fastmeal.data.build_loader` (DALI when installed, else the
   torchvision backend, and the result says so), :func:`fastmeal.models.factory.build_teachers` (fp16
-  channels-last, BatchNorm folded, CUDA graphs on CUDA) and :meth:`fastmeal.trainer.Trainer.train_step`
-  (AMP channels-last student, ``meal_v2_loss(impl="auto")``, fused SGD).
+  channels-last, BatchNorm folded, CUDA graphs captured at build time on CUDA) and
+  :meth:`fastmeal.trainer.Trainer.train_step` (AMP channels-last student compiled with torch.compile on
+  CUDA, ``meal_v2_loss(impl="auto")``, fused SGD).
+* ``fastmeal_eager`` — the same with ``runtime.compile=off`` (on CUDA only: on a CPU the product's student
+  is eager already): what compiling the student adds.
+* ``bank`` — fastmeal trained from a soft-label bank (``bank.path``): the same loader and trainer, no
+  teachers; each step's top-K records (K=5, fp16 + int16) are copied from pinned host memory to the device,
+  as the bank loader does, and the loss is ``bank_meal_v2_loss(impl="auto")`` (the sparse-target kernel on
+  CUDA). The records are random (speed does not depend on their values); MFU counts the student only.
+
+Every mode runs under the same ``cudnn.benchmark`` (``--cudnn-benchmark``, on by default, as ``fastmeal
+train`` sets it).
 
 Measured for each (batch, mode), after warm-up steps:
 
@@ -76,7 +86,12 @@ from fastmeal.models.factory import build_discriminator, build_student, build_te
 from fastmeal.profiling import phase  # noqa: E402
 from fastmeal.trainer import DistillationModel, Trainer, build_optimizer  # noqa: E402
 
-MODES = ("reference", "fastmeal")
+MODES = ("reference", "fastmeal", "fastmeal_eager", "bank")
+BANK_TOP_K = 5
+# The order runs are started in, by value: the product first, the reference for its ratio, the product from a
+# soft-label bank (its goal is a ratio to the online step), then the product with an eager student (what
+# torch.compile adds; on a CPU the product is eager already, so it is left out).
+RUN_ORDER = ("fastmeal", "reference", "bank", "fastmeal_eager")
 PHASES = ("data", "teachers", "student_fwd", "loss", "backward", "optimizer")
 COLUMNS = ["mode", "batch", "loader", "images_per_s", "speedup_vs_ref", "step_images_per_s", "step_speedup_vs_ref",
            "data_wait_pct", "data_stall_pct", "mfu_pct", "peak_mib", *(f"ms_{p}" for p in (*PHASES, "other"))]
@@ -115,11 +130,12 @@ class Size:
 QUICK = Size(student="test_resnet", teachers=("resnet10t", "test_resnet"), image_size=64, batches=(8,), warmup=1,
              steps=2, repeats=2, step_warmup=0, step_steps=2, phase_steps=1, num_classes=10, files_per_class=4,
              copies=1, val_per_class=2, size_range=(64, 96))
-# The paper's r50_224 models (SPEC table) with random weights; 1000 classes like ImageNet. Step counts
-# keep the three batches x two modes near a minute and a half on one H100 (the suite's budget, GPU.md).
+# The paper's r50_224 models (SPEC table) with random weights; 1000 classes like ImageNet. Batches in order of
+# value (256: the throughput headline; 64: the reference's per-GPU batch; 128 last); the suite's deadline
+# (--budget-s) decides how many of them run, and shortens a run that would overrun it.
 # Synthesising an ImageNet-sized JPEG costs ~0.2 CPU-s, so 1000 distinct files are made and each is
 # hard-linked 10 times: 10,000 paths, so that an epoch boundary falls at most twice in a run.
-FULL = Size(student="resnet50", teachers=("senet154", "resnet152s"), image_size=224, batches=(64, 128, 256),
+FULL = Size(student="resnet50", teachers=("senet154", "resnet152s"), image_size=224, batches=(256, 64, 128),
             warmup=10, steps=24, repeats=3, step_warmup=3, step_steps=10, phase_steps=5, num_classes=1000,
             files_per_class=1, copies=10, val_per_class=1, size_range=(375, 500))
 
@@ -353,6 +369,7 @@ class ReferenceRun:
 
     mode = "reference"
     loader_backend = "torchvision-reference"
+    compiled = False
 
     def __init__(self, cfg: Config, *, student: nn.Module, discriminator: nn.Module, teachers: Sequence[nn.Module],
                  device: torch.device) -> None:
@@ -402,12 +419,12 @@ class FastmealRun:
         teachers: the :class:`~fastmeal.models.teachers.TeacherEnsemble` (shared between runs: frozen).
         device: where it runs.
         run_dir: the trainer's run folder (nothing is written there by steps alone).
+        mode: the row's name: ``fastmeal`` (the product's defaults) or ``fastmeal_eager`` (the same with
+            ``runtime.compile=off``, which ``cfg`` then says).
     """
 
-    mode = "fastmeal"
-
     def __init__(self, cfg: Config, *, student: nn.Module, discriminator: nn.Module, teachers: Any,
-                 device: torch.device, run_dir: Path) -> None:
+                 device: torch.device, run_dir: Path, mode: str = "fastmeal") -> None:
         from fastmeal.distributed import DistInfo
 
         self.loader = build_loader(cfg, "train", device=device)
@@ -416,10 +433,44 @@ class FastmealRun:
                                train_loader=self.loader, val_loader=None, dist=DistInfo(device=device),
                                run_dir=run_dir)
         self.trainer.model.train()
+        self.mode = mode
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the student's step is compiled now (False after a compile failure fell back to eager)."""
+        return self.trainer.compiled
 
     def step(self, images: Tensor, labels: Tensor) -> None:
         """One product step: teachers, student forward, loss, backward, optimiser (no host sync)."""
         self.trainer.train_step(images, labels)
+
+
+class BankRun(FastmealRun):
+    """fastmeal from a soft-label bank: the product's loader and :meth:`Trainer.train_step` with records, no teachers.
+
+    Args:
+        cfg: as :class:`FastmealRun`; ``bank.path`` is set here (the trainer then needs no teachers).
+        student, discriminator: fresh copies (trained here).
+        device: where it runs.
+        run_dir: the trainer's run folder.
+    """
+
+    def __init__(self, cfg: Config, *, student: nn.Module, discriminator: nn.Module, device: torch.device,
+                 run_dir: Path) -> None:
+        cfg = cfg.replace({"bank.path": "synthetic-records"})
+        super().__init__(cfg, student=student, discriminator=discriminator, teachers=None, device=device,
+                         run_dir=run_dir, mode="bank")
+        gen = torch.Generator().manual_seed(0)
+        probs, classes = torch.softmax(4 * torch.randn(cfg.data.batch_size, cfg.model.num_classes, generator=gen),
+                                       -1).topk(BANK_TOP_K)
+        pin = device.type == "cuda"
+        self._host = tuple(t.pin_memory() if pin else t for t in (probs.half(), classes.to(torch.int16)))
+
+    def step(self, images: Tensor, labels: Tensor) -> None:
+        """One bank step: the batch's records to the device, student forward, sparse-target loss, backward, SGD."""
+        n = images.shape[0]
+        records = tuple(t[:n].to(self.trainer.device, non_blocking=True) for t in self._host)
+        self.trainer.train_step(images, labels, records)
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,27 +513,54 @@ def _phase_pass(run: Any, stream: Iterator[tuple[Tensor, Tensor]], num_steps: in
 
 
 def measure(run: Any, size: Size, batch: int, device: torch.device, flops_per_image: float,
-            peak_tflops: float) -> dict[str, Any]:
-    """Every number of one (mode, batch) run (module docstring); the run's loader is iterated here."""
+            peak_tflops: float, deadline: float = math.inf) -> dict[str, Any]:
+    """Every number of one (mode, batch) run (module docstring); the run's loader is iterated here.
+
+    ``deadline`` (a ``perf_counter`` time) shortens the run instead of letting it overrun: warm-up stops
+    at it (after one step, which pays the first-call costs), the timed repeats after the first stop when
+    another would not fit, and the phase pass and the step-only pass are left out when they would not fit
+    (their columns are then None); ``truncated`` lists what was cut.
+    """
+    def left() -> float:
+        return deadline - time.perf_counter()
+
+    truncated: list[str] = []
     steps_per_repeat = max(1, size.steps // size.repeats)
     stream = endless(run.loader, device)
+    phases: dict[str, float] = {}
     try:
-        for _ in range(size.warmup):
+        for i in range(size.warmup):
+            if i and left() < 0:
+                truncated.append(f"warm-up {i} of {size.warmup} steps")
+                break
             run.step(*next(stream))
-        repeats = [_timed_steps(run, stream, steps_per_repeat, device) for _ in range(size.repeats)]
-        phases = _phase_pass(run, stream, size.phase_steps, device)
+        repeats = [_timed_steps(run, stream, steps_per_repeat, device)]
+        while len(repeats) < size.repeats and left() > 1.5 * repeats[-1][0]:
+            repeats.append(_timed_steps(run, stream, steps_per_repeat, device))
+        if len(repeats) < size.repeats:
+            truncated.append(f"{len(repeats)} of {size.repeats} timed repeats")
+        per_step = repeats[0][0] / steps_per_repeat
+        step_only_cost = per_step * (size.step_warmup + size.step_steps)
+        if left() > step_only_cost + 3 * per_step * size.phase_steps:
+            phases = _phase_pass(run, stream, size.phase_steps, device)
+        else:
+            truncated.append("phase pass")
         # The compute ceiling: the same step on one batch already on the device (no loader at all).
         images, labels = next(stream)
     finally:
         stream.close()  # ends this pass over the loader (its workers stay until the run is dropped)
-    for _ in range(size.step_warmup):
-        run.step(images, labels)
-    harness.sync(device)
-    start = time.perf_counter()
-    for _ in range(size.step_steps):
-        run.step(images, labels)
-    harness.sync(device)
-    step_rate = batch * size.step_steps / (time.perf_counter() - start)
+    step_rate = None
+    if left() > 1.5 * step_only_cost:
+        for _ in range(size.step_warmup):
+            run.step(images, labels)
+        harness.sync(device)
+        start = time.perf_counter()
+        for _ in range(size.step_steps):
+            run.step(images, labels)
+        harness.sync(device)
+        step_rate = batch * size.step_steps / (time.perf_counter() - start)
+    else:
+        truncated.append("step-only pass")
     wall, wait = sum(r[0] for r in repeats), sum(r[1] for r in repeats)
     rate = batch * steps_per_repeat * len(repeats) / wall  # over the whole wall time, not a mean of rates
     rates = [batch * steps_per_repeat / r[0] for r in repeats]
@@ -492,13 +570,15 @@ def measure(run: Any, size: Size, batch: int, device: torch.device, flops_per_im
         "mode": run.mode, "batch": batch, "loader": run.loader_backend,
         "images_per_s": rate, "speedup_vs_ref": None,
         "step_images_per_s": step_rate, "step_speedup_vs_ref": None,
-        "data_wait_pct": 100 * wait / wall, "data_stall_pct": 100 * (1 - rate / step_rate),
+        "data_wait_pct": 100 * wait / wall, "data_stall_pct": 100 * (1 - rate / step_rate) if step_rate else None,
         "mfu_pct": 100 * flops_per_image * rate / peak_flops, "peak_mib": None,
     }
-    row.update({f"ms_{name}": value for name, value in phases.items()})
+    row.update({f"ms_{name}": phases.get(name) for name in (*PHASES, "other", "total")})
     row.update({"images_per_s_median": statistics.median(rates), "images_per_s_min": min(rates),
-                "images_per_s_max": max(rates), "step_mfu_pct": 100 * flops_per_image * step_rate / peak_flops,
-                "timed_steps": steps_per_repeat * len(repeats)})
+                "images_per_s_max": max(rates),
+                "step_mfu_pct": 100 * flops_per_image * step_rate / peak_flops if step_rate else None,
+                "timed_steps": steps_per_repeat * len(repeats), "student_compiled": run.compiled,
+                "truncated": truncated or None})
     return row
 
 
@@ -508,9 +588,10 @@ def measure(run: Any, size: Size, batch: int, device: torch.device, flops_per_im
 
 
 def bench_config(size: Size, *, root: Path, num_classes: int, batch: int, workers: int, backend: str,
-                 device: torch.device) -> Config:
+                 device: torch.device, cudnn_benchmark: bool = True, compile: str = "auto") -> Config:
     """The r50_224 preset with the benchmark's models, data and batch; random weights (no download)."""
     return build_config("r50_224", overrides={
+        "runtime.cudnn_benchmark": cudnn_benchmark, "runtime.compile": compile,
         "data.root": str(root), "data.backend": backend, "data.image_size": size.image_size,
         "data.batch_size": batch, "data.workers": workers, "data.last_batch": "drop",
         "model.student": size.student, "model.teachers": [{"tag": t} for t in size.teachers],
@@ -531,7 +612,8 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
         ref = reference.get(row["batch"])
         if ref is not None:
             row["speedup_vs_ref"] = row["images_per_s"] / ref["images_per_s"]
-            row["step_speedup_vs_ref"] = row["step_images_per_s"] / ref["step_images_per_s"]
+            if row["step_images_per_s"] and ref["step_images_per_s"]:
+                row["step_speedup_vs_ref"] = row["step_images_per_s"] / ref["step_images_per_s"]
 
 
 def _round(value: Any) -> Any:
@@ -544,7 +626,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", help="ImageFolder root with train/ (generated there if absent; default: a temp dir)")
     parser.add_argument("--prepare-data-only", action="store_true", help="generate --data and exit")
     parser.add_argument("--json", help="write the result document here (rewritten after every run)")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--modes", nargs="+", choices=MODES,
+                        help="default: all three on CUDA; reference and fastmeal on a CPU (whose product is eager)")
     parser.add_argument("--batches", type=int, nargs="+", help="per-device batches (default: 64 128 256; quick: 8)")
     parser.add_argument("--workers", type=int,
                         help="loader workers / DALI threads, the same in both modes (default: CPUs - 2, at least 1)")
@@ -555,9 +638,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="timed loader steps (default 24; quick 2)")
     parser.add_argument("--warmup", type=int, help="warm-up steps (default 10; quick 1)")
     parser.add_argument("--cudnn-benchmark", choices=["on", "off"], default="on",
-                        help="torch.backends.cudnn.benchmark for both modes")
+                        help="torch.backends.cudnn.benchmark for every mode (on: what fastmeal train does)")
     parser.add_argument("--budget-s", type=float, default=0.0,
-                        help="skip the remaining runs once this many seconds have passed (0: no limit)")
+                        help="finish within this many seconds (0: no limit): a run that would not fit is not "
+                             "started, and a run is shortened rather than overrun (its row says what was cut)")
     parser.add_argument("--summary", metavar="JSON", help="print the short table of a result file and exit")
     return parser.parse_args(argv)
 
@@ -585,6 +669,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          f"{size.batches})")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     on_cuda = device.type == "cuda"
+    modes = args.modes or (list(MODES) if on_cuda else ["reference", "fastmeal", "bank"])
     workers = args.workers if args.workers is not None else max(1, (os.cpu_count() or 2) - 2)
     if args.quick and args.workers is None:
         workers = 1
@@ -592,8 +677,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     threads = args.threads or (1 if args.quick and not on_cuda else None)
     if threads:
         torch.set_num_threads(threads)
-    torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
+    # One setting for every mode: the reference's steps run under it here, and the fastmeal modes' trainer sets
+    # the same value from runtime.cudnn_benchmark (bench_config), as `fastmeal train` does.
+    cudnn_benchmark = args.cudnn_benchmark == "on"
+    torch.backends.cudnn.benchmark = cudnn_benchmark
     began = time.perf_counter()
+    deadline = began + args.budget_s if args.budget_s else math.inf
 
     with contextlib.ExitStack() as stack:
         root, data_note = _ensure_data(args.data, size, os.cpu_count() or 1, stack)
@@ -616,7 +705,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "separate pass synchronised around each phase (their sum exceeds a pipelined step); "
                      "backward covers loss + student + discriminator gradients.")
         cfg = bench_config(size, root=root, num_classes=num_classes, batch=size.batches[0], workers=workers,
-                           backend=args.backend, device=device)
+                           backend=args.backend, device=device, cudnn_benchmark=cudnn_benchmark)
         print(f"bench_train_step on {harness.device_name(device)}: {size.student} <- {' + '.join(size.teachers)}, "
               f"{size.image_size} px, {num_classes} classes, {len(split)} JPEGs ({num_bytes / 2**20:.0f} MiB) in "
               f"{root}, {workers} workers, {torch.get_num_threads()} threads"
@@ -640,14 +729,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         teachers0 = [create_model(t.tag, num_classes=num_classes, what=f"model.teachers[{i}]")
                      for i, t in enumerate(cfg.model.teachers)]
         ref_teachers = fm_teachers = None
-        if "reference" in args.modes:
+        if "reference" in modes:
             ref_teachers = [copy.deepcopy(t).to(device).eval().requires_grad_(False) for t in teachers0]
-        if "fastmeal" in args.modes:
-            fm_teachers = build_teachers(cfg, device, models=[copy.deepcopy(t) for t in teachers0])
+        if {"fastmeal", "fastmeal_eager"} & set(modes):
+            # Every batch's graphs are captured now, before any loader runs (as `fastmeal train` does).
+            fm_teachers = build_teachers(cfg, device, models=[copy.deepcopy(t) for t in teachers0],
+                                         batch_sizes=size.batches)
         del teachers0
 
         settings: dict[str, Any] = {
-            **asdict(size), "modes": args.modes, "quick": args.quick, "num_classes": num_classes,
+            **asdict(size), "modes": modes, "quick": args.quick, "num_classes": num_classes,
             "num_jpegs": len(split), "jpeg_mib": num_bytes / 2**20, "workers": workers,
             "torch_threads": torch.get_num_threads(), "fastmeal_backend_requested": args.backend,
             "cudnn_benchmark": torch.backends.cudnn.benchmark,
@@ -670,11 +761,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                         device=device)
 
         skipped = []
+        last_run: dict[str, tuple[int, float]] = {}  # mode -> (batch, seconds) of its last run
         for batch in size.batches:
-            cfg_b = bench_config(size, root=root, num_classes=num_classes, batch=batch, workers=workers,
-                                 backend=args.backend, device=device)
-            for mode in args.modes:
-                if args.budget_s and time.perf_counter() - began > args.budget_s:
+            for mode in (m for m in RUN_ORDER if m in modes):
+                cfg_b = bench_config(size, root=root, num_classes=num_classes, batch=batch, workers=workers,
+                                     backend=args.backend, device=device, cudnn_benchmark=cudnn_benchmark,
+                                     compile="off" if mode == "fastmeal_eager" else "auto")
+                # Predicted from this mode's last run, scaled by the batch (its fixed costs, paid then, are not).
+                predicted = last_run[mode][1] * batch / last_run[mode][0] if mode in last_run else 0.0
+                if time.perf_counter() + 0.8 * predicted > deadline:
                     skipped.append(f"{mode}@{batch}")
                     continue
                 if on_cuda:
@@ -687,26 +782,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 if mode == "reference":
                     run: Any = ReferenceRun(cfg_b, student=student, discriminator=discriminator, teachers=ref_teachers,
                                             device=device)
+                elif mode == "bank":
+                    run = BankRun(cfg_b, student=student, discriminator=discriminator, device=device, run_dir=run_dir)
                 else:
                     run = FastmealRun(cfg_b, student=student, discriminator=discriminator, teachers=fm_teachers,
-                                      device=device, run_dir=run_dir)
-                if mode == "fastmeal" and run.loader_backend != "dali" and not any("DALI" in n for n in notes):
+                                      device=device, run_dir=run_dir, mode=mode)
+                if mode != "reference" and run.loader_backend != "dali" and not any("DALI" in n for n in notes):
                     notes.append(f"fastmeal mode used the {run.loader_backend} loader, not DALI (data.backend="
                                  f"{args.backend}, DALI {'installed' if dali_available() else 'absent'}): PIL on "
                                  "the same workers as the reference, so its end-to-end numbers are bounded by CPU "
                                  "JPEG decoding; step_images_per_s shows the step without the loader.")
-                row = measure(run, size, batch, device, flops["total"], peak["peak_tflops"])
+                mode_flops = flops["student_fwd_bwd"] if mode == "bank" else flops["total"]  # bank: no teachers
+                row = measure(run, size, batch, device, mode_flops, peak["peak_tflops"], deadline)
                 row["peak_mib"] = _peak_mib(device, base)
                 row["run_s"] = time.perf_counter() - t0
+                last_run[mode] = (batch, row["run_s"])
                 rows.append(row)
                 del run, student, discriminator
                 gc.collect()
                 write()
-                print(f"  {mode:9s} batch {batch:4d}: {row['images_per_s']:8.4g} img/s end to end, "
-                      f"{row['step_images_per_s']:8.4g} img/s step only, data wait {row['data_wait_pct']:.1f}%, "
-                      f"MFU {row['mfu_pct']:.3g}% ({row['run_s']:.1f}s)", flush=True)
+                step_only = f"{row['step_images_per_s']:8.4g}" if row["step_images_per_s"] else "     n/a"
+                print(f"  {mode:14s} batch {batch:4d}: {row['images_per_s']:8.4g} img/s end to end, "
+                      f"{step_only} img/s step only, data wait {row['data_wait_pct']:.1f}%, "
+                      f"MFU {row['mfu_pct']:.3g}% ({row['run_s']:.1f}s)"
+                      + (f"  [shortened: {', '.join(row['truncated'])}]" if row["truncated"] else ""), flush=True)
         if skipped:
-            notes.append(f"--budget-s {args.budget_s:g} reached: skipped {', '.join(skipped)}")
+            notes.append(f"--budget-s {args.budget_s:g}: not started (would not fit): {', '.join(skipped)}")
+        if any(r["truncated"] for r in rows):
+            notes.append("rows with 'truncated' were shortened to fit --budget-s; their other numbers are measured")
+        if any(r["mode"] == "fastmeal" and not r["student_compiled"] for r in rows) and on_cuda:
+            notes.append("fastmeal mode ran an eager student (torch.compile failed and fell back; see the log)")
         if fm_teachers is not None:
             settings["teacher_engine"] = fm_teachers.report
         doc = write()
@@ -716,9 +821,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for batch in size.batches:
         pair = {r["mode"]: r for r in doc["rows"] if r["batch"] == batch}
         if {"reference", "fastmeal"} <= pair.keys():
+            step = pair["fastmeal"]["step_speedup_vs_ref"]
             print(f"batch {batch}: fastmeal {pair['fastmeal']['images_per_s']:.4g} img/s vs reference "
                   f"{pair['reference']['images_per_s']:.4g} img/s = {pair['fastmeal']['speedup_vs_ref']:.2f}x "
-                  f"end to end ({pair['fastmeal']['step_speedup_vs_ref']:.2f}x step only)")
+                  f"end to end ({f'{step:.2f}x' if step else 'n/a'} step only)")
+        if {"fastmeal", "bank"} <= pair.keys():
+            step = (pair["bank"]["step_images_per_s"] / pair["fastmeal"]["step_images_per_s"]
+                    if pair["bank"]["step_images_per_s"] and pair["fastmeal"]["step_images_per_s"] else None)
+            print(f"batch {batch}: bank {pair['bank']['images_per_s']:.4g} img/s = "
+                  f"{pair['bank']['images_per_s'] / pair['fastmeal']['images_per_s']:.2f}x the online fastmeal step "
+                  f"end to end ({f'{step:.2f}x' if step else 'n/a'} step only)")
     for note in notes:
         print("note:", note)
     return doc

@@ -25,7 +25,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def git_commit() -> str:
-    """The commit of the checkout, with ``-dirty`` when the tree has uncommitted changes."""
+    """The commit of the checkout, with ``-dirty`` when the tree has uncommitted changes.
+
+    ``FASTMEAL_COMMIT`` wins when set: the GPU machine gets a plain copy of the tree without ``.git``, and
+    ``device_suite.sh`` runs from a shadow copy, so the suite passes the commit it was started from.
+    """
+    if os.environ.get("FASTMEAL_COMMIT"):
+        return os.environ["FASTMEAL_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              check=True).stdout.strip()

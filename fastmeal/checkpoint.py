@@ -4,27 +4,35 @@ Layout of ``RUN_DIR/checkpoints/``:
 
 * ``ckpt-<global step, 9 digits>.pt``: the full training state (see :func:`training_state` in the
   trainer: student, discriminator, optimiser, grad scaler, epoch, step within the epoch, RNG states,
-  resolved config), next to ``ckpt-....pt.sha256``, the SHA-256 of its bytes. The last
-  ``runtime.keep_last`` are kept.
-* ``best.pt`` (+ ``.sha256``, ``best.json``): the checkpoint with the best validation top-1.
+  resolved config, the evaluation it was written after) with ``digest``, a SHA-256 of its own content
+  (:func:`state_digest`), inside. The last ``runtime.keep_last`` are kept.
+* ``best.pt`` (a hard link to, or a copy of, the checkpoint with the best validation top-1) and
+  ``best.json`` (its top-1, global step and source file).
+* ``manifest.json``, written last by every save: the newest checkpoint and the global step each derived
+  file (``best.pt``, ``RUN_DIR/student_last.*``, ``RUN_DIR/student_best.*``) was made from.
 
-Every file is written atomically: to a hidden temporary file in the same directory, flushed and
-fsync'ed, then renamed over the target (a rename within one file system is atomic), then the
-directory is fsync'ed. A process killed at any point leaves either the old file or the new one,
-plus at worst a stale ``.*.tmp-*`` file that listing ignores. The digest catches what atomicity
-cannot: a file truncated or damaged later (a full disk on a copy, a bad sync) — ``torch.load``
-alone reads a flipped byte in a tensor without complaint.
+A save is one commit followed by derived files: the checkpoint is renamed into place first (from then
+on it is the truth), then ``best.pt``/``best.json``, the student exports and the manifest are derived
+from it, then old checkpoints are pruned. Each file is written atomically (a hidden temporary file in
+the same directory, flushed and fsync'ed, renamed over the target, the directory fsync'ed), so a
+process killed at any point leaves only whole files; the derived files may then lag the newest
+checkpoint, which :meth:`CheckpointManager.heal` (run when a run resumes) re-derives. The digest
+catches what atomicity cannot: a file damaged later (a bad copy, a bad sync) — ``torch.load`` alone
+reads a flipped byte in a tensor without complaint. Checkpoints of older fastmeal versions carry a
+``.sha256`` file instead; it is still checked.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
-import pickle
 import random
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +45,7 @@ FORMAT = "fastmeal-checkpoint"
 VERSION = 1
 REQUIRED_KEYS = ("format", "version", "student", "optimizer", "epoch", "step_in_epoch", "global_step", "config")
 _CKPT_RE = re.compile(r"^ckpt-(\d{9})\.pt$")
+MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
 
 log = logging.getLogger("fastmeal.checkpoint")
@@ -78,10 +87,40 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+class DiskFullError(OSError):
+    """No space left (or quota exceeded) while writing ``path``; the message names it and the free space."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _disk_full(err: OSError, path: Path) -> DiskFullError:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return DiskFullError(err.errno, f"no space left on the device while writing {path} ({free} on "
+                                    f"{path.parent}); nothing was replaced: free some space and resume")
+
+
+def _disk_full_cause(err: BaseException | None) -> OSError | None:
+    """The ENOSPC/EDQUOT ``OSError`` behind ``err`` (torch.save wraps it in a RuntimeError), or None."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
 @contextmanager
 def _atomic_file(path: Path) -> Iterator[IO[bytes]]:
-    """Yield a file to write; on success it is flushed, fsync'ed and renamed to ``path``; on error removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Yield a file to write; on success it is flushed, fsync'ed and renamed to ``path``; on error removed.
+
+    The temporary file is ``.NAME.tmp-PID`` next to ``path``: :func:`remove_temporaries` removes those
+    whose writer is gone. A full disk raises :class:`DiskFullError` naming ``path``. The directory must
+    exist: a run dir deleted under a run fails its next write instead of coming back empty.
+    """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with tmp.open("wb") as f:
@@ -89,46 +128,106 @@ def _atomic_file(path: Path) -> Iterator[IO[bytes]]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        full = _disk_full_cause(err)
+        if full is not None and not isinstance(err, DiskFullError):
+            raise _disk_full(full, path) from None
         raise
     _fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, make_parents: bool = True) -> None:
     """Write ``data`` to ``path`` atomically (temporary file, flush + fsync, rename)."""
-    with _atomic_file(Path(path)) as f:
+    path = Path(path)
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with _atomic_file(path) as f:
         f.write(data)
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike, *,
-                      save: Callable[[Any, Any], None] = torch.save) -> str:
-    """``torch.save`` ``obj`` to ``path`` atomically, with a ``.sha256`` sidecar; returns the hex digest.
+def atomic_torch_save(obj: Any, path: str | os.PathLike, *, save: Callable[[Any, Any], None] = torch.save,
+                      make_parents: bool = True) -> str:
+    """``torch.save`` ``obj`` to ``path`` atomically; returns the SHA-256 of the file's bytes.
 
-    The sidecar is written (atomically) before the checkpoint is renamed into place, so a checkpoint
-    that exists always has its digest.
+    A fastmeal checkpoint (``format`` entry) gets its content digest (:func:`state_digest`) stored
+    inside as ``digest``, which :func:`load_checkpoint` checks.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("wb") as f:
-            writer = _HashingWriter(f)
-            save(obj, writer)
-            f.flush()
-            os.fsync(f.fileno())
-        digest = writer.sha256.hexdigest()
-        atomic_write_bytes(_sidecar(path), f"{digest}  {path.name}\n".encode())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return digest
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        obj = {**obj, "digest": state_digest(obj)}
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with _atomic_file(path) as f:
+        writer = _HashingWriter(f)
+        save(obj, writer)
+    return writer.sha256.hexdigest()
+
+
+def state_digest(state: dict[str, Any]) -> str:
+    """SHA-256 over a checkpoint's content (every tensor's dtype, shape and bytes, every plain value).
+
+    Independent of the file's bytes, so it can live inside the file it describes; the ``digest``
+    entry itself is left out.
+    """
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in state.items() if k != "digest"})
+    return h.hexdigest()
+
+
+def _feed(h: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().to("cpu").contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for key in sorted(obj, key=repr):  # optimizer states mix int and str keys
+            h.update(repr(key).encode())
+            _feed(h, obj[key])
+    elif isinstance(obj, list | tuple):  # pickling keeps tuples, but treat both alike
+        h.update(f"L{len(obj)}".encode())
+        for value in obj:
+            _feed(h, value)
+    else:
+        h.update(f"V{obj!r}".encode())
 
 
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
+
+
+def remove_temporaries(directory: Path) -> list[Path]:
+    """Delete the ``.NAME.tmp-PID`` files of writers that are gone (no process PID); returns them.
+
+    A run holds its run dir's lock (:class:`fastmeal.rundir.RunDirLock`) while it writes, so a
+    temporary left there is a killed writer's; the PID check also spares a live writer on this host.
+    """
+    if not directory.is_dir():
+        return []
+    removed = []
+    for p in directory.iterdir():
+        head, sep, pid = p.name.rpartition(".tmp-")
+        if not (p.name.startswith(".") and sep and pid.isdigit()):
+            continue
+        if int(pid) != os.getpid() and _process_alive(int(pid)):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            removed.append(p)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -164,7 +263,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
                                   f"not match {sidecar.name} ({expected[:12]}…), size {path.stat().st_size} bytes")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
+    except Exception as err:  # a damaged zip fails in many ways (RuntimeError, EOFError, KeyError, ...)
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: "
                               f"{str(err).splitlines()[0] if str(err) else ''}); truncated?") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
@@ -176,6 +275,15 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device
     if state["version"] > VERSION:
         raise CheckpointError(f"checkpoint {path} has format version {state['version']}; this fastmeal reads "
                               f"up to {VERSION}: upgrade fastmeal")
+    if "digest" in state:
+        actual = state_digest(state)
+        if actual != state["digest"]:
+            raise CheckpointError(f"checkpoint {path} is damaged or truncated: the SHA-256 of its content "
+                                  f"{actual[:12]}… does not match the digest stored in it "
+                                  f"({str(state['digest'])[:12]}…)")
+    elif not sidecar.is_file():
+        log.warning("checkpoint %s carries no digest (written by an older fastmeal, or by hand): its content "
+                    "cannot be verified", path)
     return state
 
 
@@ -223,12 +331,14 @@ def _to_tuples(value: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def save_student_weights(state_dict: dict[str, torch.Tensor], stem: str | os.PathLike) -> tuple[Path, Path]:
+def save_student_weights(state_dict: dict[str, torch.Tensor], stem: str | os.PathLike, *,
+                         global_step: int | None = None, make_parents: bool = True) -> tuple[Path, Path]:
     """Write the bare student's weights as ``STEM.safetensors`` and ``STEM.pth``, atomically.
 
     Both load with ``timm.create_model(tag, checkpoint_path=FILE)`` and with
     ``model.student_weights=FILE``. Tensors are stored contiguous (safetensors requires it; a
-    channels-last layout is a runtime choice, not part of the weights).
+    channels-last layout is a runtime choice, not part of the weights). ``global_step`` goes into the
+    safetensors metadata (the checkpoint the weights come from).
 
     Returns:
         The two paths.
@@ -238,7 +348,8 @@ def save_student_weights(state_dict: dict[str, torch.Tensor], stem: str | os.Pat
     stem = Path(stem)
     plain = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     st_path, pth_path = stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".pth")
-    atomic_write_bytes(st_path, safetensors_save(plain, metadata={"format": "pt"}))
+    metadata = {"format": "pt", **({"global_step": str(global_step)} if global_step is not None else {})}
+    atomic_write_bytes(st_path, safetensors_save(plain, metadata=metadata), make_parents=make_parents)
     with _atomic_file(pth_path) as f:
         torch.save(plain, f)
     return st_path, pth_path
@@ -250,22 +361,31 @@ def save_student_weights(state_dict: dict[str, torch.Tensor], stem: str | os.Pat
 
 
 class CheckpointManager:
-    """Writes, prunes and finds the checkpoints of one run.
+    """Writes, prunes, heals and finds the checkpoints of one run.
 
     Args:
         directory: ``RUN_DIR/checkpoints``.
         keep_last: how many ``ckpt-*.pt`` to keep (``best.pt`` is kept besides).
         enabled: False on ranks other than 0: saving is a no-op there; finding still works.
+        export_dir: where the student's weights alone are exported after each save (``student_last.*``,
+            ``student_best.*``); None exports nothing.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, keep_last: int = 3, enabled: bool = True) -> None:
+    def __init__(self, directory: str | os.PathLike, *, keep_last: int = 3, enabled: bool = True,
+                 export_dir: str | os.PathLike | None = None) -> None:
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.enabled = enabled
+        self.export_dir = Path(export_dir) if export_dir is not None else None
+        self._made = False
 
     @property
     def best_path(self) -> Path:
         return self.directory / "best.pt"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.directory / MANIFEST
 
     def path_for(self, global_step: int) -> Path:
         return self.directory / f"ckpt-{global_step:09d}.pt"
@@ -277,31 +397,45 @@ class CheckpointManager:
         found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := _CKPT_RE.match(p.name))]
         return [p for _, p in sorted(found, reverse=True)]
 
+    def best_info(self) -> dict[str, Any] | None:
+        """``best.json``: ``{"top1", "global_step", "from"}`` of ``best.pt``, or None when there is none yet."""
+        info = self.directory / "best.json"
+        try:
+            data = json.loads(info.read_text())
+            float(data["top1"])
+            return data
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     def best_top1(self) -> float | None:
         """The validation top-1 of ``best.pt``, or None when there is none yet."""
-        info = self.directory / "best.json"
-        if not info.is_file():
-            return None
+        info = self.best_info()
+        return float(info["top1"]) if info else None
+
+    def manifest(self) -> dict[str, Any] | None:
+        """``manifest.json`` (what the last completed save derived), or None."""
         try:
-            return float(json.loads(info.read_text())["top1"])
-        except (ValueError, KeyError, TypeError):
+            return json.loads(self.manifest_path.read_text())
+        except (OSError, ValueError):
             return None
 
     def remove_stale_temporaries(self) -> list[Path]:
-        """Delete ``.*.tmp-*`` files left by a killed writer; returns them (call before a run writes)."""
-        if not self.enabled or not self.directory.is_dir():
+        """Delete temporaries of gone writers here and in ``export_dir``; returns them (call before a run writes)."""
+        if not self.enabled:
             return []
-        stale = [p for p in self.directory.iterdir() if p.name.startswith(".") and ".tmp-" in p.name]
-        for p in stale:
-            p.unlink(missing_ok=True)
-        return stale
+        found = remove_temporaries(self.directory)
+        if self.export_dir is not None:
+            found += remove_temporaries(self.export_dir)
+        return found
 
     def save(self, state: dict[str, Any], *, global_step: int, top1: float | None = None,
              save: Callable[[Any, Any], None] = torch.save) -> Path | None:
-        """Write ``state`` as ``ckpt-<global_step>.pt``; copy it to ``best.pt`` when ``top1`` is a new best; prune.
+        """Write ``state`` as ``ckpt-<global_step>.pt``, then derive ``best.pt``, the exports and the manifest; prune.
 
         Args:
             state: the full training state (must carry ``format``/``version`` and the required keys).
+                ``state["is_best"]``, when present, says whether it is a new best; otherwise ``top1`` is
+                compared with ``best.json``.
             global_step: optimiser steps done so far (names the file, orders checkpoints).
             top1: validation top-1 of this state (epoch-end checkpoints), or None.
             save: the serialiser (``torch.save``); tests substitute one that gets killed midway.
@@ -311,31 +445,107 @@ class CheckpointManager:
         """
         if not self.enabled:
             return None
+        if "is_best" not in state:
+            best = self.best_top1()
+            state = {**state, "top1": top1, "is_best": top1 is not None and (best is None or top1 > best)}
         path = self.path_for(global_step)
-        atomic_torch_save(state, path, save=save)
-        best = self.best_top1()
-        if top1 is not None and (best is None or top1 > best):
-            self._link_best(path, top1, global_step)
-        self._prune()
+        if not self._made:  # later saves never re-create it: a deleted run dir fails instead of restarting empty
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._made = True
+        atomic_torch_save(state, path, save=save, make_parents=False)
+        self.publish(path, state)
         return path
 
-    def _link_best(self, path: Path, top1: float, global_step: int) -> None:
+    def publish(self, path: Path, state: dict[str, Any]) -> None:
+        """Derive everything else from the valid checkpoint ``path`` (holding ``state``); idempotent.
+
+        ``best.pt``/``best.json`` when it is a new best, the student exports, ``manifest.json`` (last),
+        then the pruning of old checkpoints.
+        """
+        step = int(state["global_step"])
+        best = self.best_info()
+        if state.get("is_best") and state.get("top1") is not None:
+            if not (best and best.get("global_step") == step and self.best_path.is_file()):
+                self._link(path, self.best_path)
+            best = {"top1": float(state["top1"]), "global_step": step, "from": path.name}
+            atomic_write_bytes(self.directory / "best.json", json.dumps(best).encode(), make_parents=False)
+        exports: dict[str, int] = {}
+        if self.export_dir is not None:
+            save_student_weights(state["student"], self.export_dir / "student_last", global_step=step,
+                                 make_parents=False)
+            exports["student_last"] = step
+            if best is not None:
+                if best["global_step"] == step:
+                    save_student_weights(state["student"], self.export_dir / "student_best", global_step=step,
+                                         make_parents=False)
+                elif not self._export_current("student_best", best["global_step"]):
+                    # A kill left the exports behind best.pt: re-derive them from it.
+                    save_student_weights(load_checkpoint(self.best_path)["student"],
+                                         self.export_dir / "student_best", global_step=best["global_step"],
+                                         make_parents=False)
+                exports["student_best"] = best["global_step"]
+        manifest = {"format": "fastmeal-manifest", "latest": path.name, "global_step": step,
+                    "epoch": int(state["epoch"]), "step_in_epoch": int(state["step_in_epoch"]), "best": best,
+                    "exports": exports}
+        atomic_write_bytes(self.manifest_path, (json.dumps(manifest, indent=1) + "\n").encode(), make_parents=False)
+        self._prune()
+
+    def _export_current(self, stem: str, step: int) -> bool:
+        exports = (self.manifest() or {}).get("exports", {})
+        return exports.get(stem) == step and self.export_dir is not None and all(
+            (self.export_dir / f"{stem}.{ext}").is_file() for ext in ("pth", "safetensors"))
+
+    def set_aside(self, path: Path) -> Path:
+        """Rename a damaged checkpoint to ``damaged-NAME`` (kept for inspection, out of resume's and pruning's way)."""
+        target = path.with_name(f"damaged-{path.name}")
+        os.replace(path, target)
+        _sidecar(path).unlink(missing_ok=True)
+        return target
+
+    def heal(self, path: Path, state: dict[str, Any]) -> bool:
+        """Re-derive what a killed save left behind, from ``path`` (the newest valid checkpoint, resumed from).
+
+        Returns:
+            True when something had to be re-derived (the manifest did not describe ``path``).
+        """
+        if not self.enabled:
+            return False
+        for sidecar in self.directory.glob("*.pt.sha256"):  # left by a prune killed between its unlinks
+            if not sidecar.with_name(sidecar.name[:-len(".sha256")]).exists():
+                sidecar.unlink(missing_ok=True)
+        manifest = self.manifest() or {}
+        best = self.best_info()
+        consistent = (manifest.get("latest") == path.name and manifest.get("best") == best
+                      and (best is None or self.best_path.is_file()))
+        if self.export_dir is not None:
+            consistent = consistent and all(self._export_current(stem, step)
+                                            for stem, step in manifest.get("exports", {}).items())
+        if consistent:
+            return False
+        log.warning("the last save before this start did not finish: re-deriving best.pt, the exports and %s from %s",
+                    MANIFEST, path.name)
+        self.publish(path, state)
+        return True
+
+    def _link(self, src: Path, dst: Path) -> None:
         # A hard link is an atomic, free copy; a file system without links gets a real copy.
-        for src, dst in ((_sidecar(path), _sidecar(self.best_path)), (path, self.best_path)):
-            tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-            tmp.unlink(missing_ok=True)
-            try:
-                os.link(src, tmp)
-            except OSError:
-                atomic_write_bytes(tmp, src.read_bytes())
-            os.replace(tmp, dst)
-        atomic_write_bytes(self.directory / "best.json",
-                           json.dumps({"top1": top1, "global_step": global_step, "from": path.name}).encode())
+        if dst.exists() and os.path.samefile(src, dst):
+            return  # rename() of two links to one file would do nothing and leave the temporary behind
+        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            with _atomic_file(tmp) as f, src.open("rb") as s:
+                shutil.copyfileobj(s, f, _CHUNK)
+        os.replace(tmp, dst)
+        _fsync_dir(dst.parent)
 
     def _prune(self) -> None:
         for old in self.checkpoints()[self.keep_last:]:
             old.unlink(missing_ok=True)
-            _sidecar(old).unlink(missing_ok=True)
+            _sidecar(old).unlink(missing_ok=True)  # of checkpoints written by older versions
+        _sidecar(self.best_path).unlink(missing_ok=True)
 
     def find_latest_valid(self, *, map_location: str | torch.device = "cpu",
                           ) -> tuple[Path | None, dict[str, Any] | None, list[tuple[Path, str]]]:
@@ -353,3 +563,14 @@ class CheckpointManager:
                 log.warning("skipping checkpoint %s: %s", path, err)
                 skipped.append((path, str(err)))
         return None, None, skipped
+
+    def describe_best(self) -> str:
+        """Whether ``best.pt`` is intact and how to resume from it (for when every checkpoint is damaged)."""
+        if not self.best_path.is_file():
+            return "there is no best.pt either"
+        try:
+            state = load_checkpoint(self.best_path)
+        except CheckpointError as err:
+            return f"best.pt is damaged too ({err})"
+        return (f"best.pt is intact (global step {state['global_step']}, epoch {state['epoch']}): continue from it "
+                f"with --resume {self.best_path}")

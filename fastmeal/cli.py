@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
+import logging
 import os
 import sys
+import traceback
 
-from fastmeal.config import PRESETS, ConfigError, build_config, parse_set_args
+from fastmeal.config import PRESETS, ConfigError, build_config, parse_set_args, to_toml
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default_preset: str = "r50_224") -> None:
@@ -30,14 +34,8 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     if args.json:
         print(cfg.to_json())
         return 0
-    print(f"# preset {args.preset} (resolved)")
-    for section, values in cfg.to_dict().items():
-        if not isinstance(values, dict):
-            print(f"{section} = {values!r}")
-            continue
-        print(f"[{section}]")
-        for key, value in values.items():
-            print(f"  {key} = {json.dumps(value)}")
+    print(f"# preset {args.preset} (resolved); valid TOML: save it and pass it back with --config FILE.toml")
+    print(to_toml(cfg), end="")
     print(f"# lr regime: epoch 0: {cfg.lr_at(0)}"
           + "".join(f", epoch {e}: {lr}" for e, lr in cfg.schedule.lr_steps)
           + f"; eval: resize {cfg.data.resolved_eval_resize} -> crop {cfg.data.image_size}")
@@ -62,14 +60,28 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is at the time of each record (not the one of
+    the first call): ``main`` may run several times in one process (tests, notebooks)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # noqa: ANN201 - logging.StreamHandler's attribute
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001
+        pass
+
+
 def _setup_logging() -> None:
     """INFO lines from rank 0, warnings only from the other ranks (STYLE: one rank-0 logger)."""
-    import logging
-
     level = logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING
     logger = logging.getLogger("fastmeal")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
         logger.addHandler(handler)
     logger.setLevel(level)
@@ -80,33 +92,60 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from fastmeal.checkpoint import CheckpointError
     from fastmeal.data.common import DataError
     from fastmeal.models.factory import WeightsError
+    from fastmeal.rundir import RunDirError
     from fastmeal.trainer import SetupError
 
-    return CheckpointError, DataError, WeightsError, SetupError
+    return CheckpointError, DataError, WeightsError, SetupError, RunDirError
+
+
+def _failures() -> tuple[type[Exception], ...]:
+    """Errors of a run that went wrong (not of the input): one line, exit 1; their message says what happened."""
+    from fastmeal.checkpoint import DiskFullError
+    from fastmeal.rundir import RunDirVanishedError
+    from fastmeal.trainer import NonFiniteError
+
+    return DiskFullError, NonFiniteError, RunDirVanishedError
 
 
 def _report_user_error(err: Exception) -> int:
     print(f"fastmeal: error: {err}", file=sys.stderr)
-    return 2
+    return EXIT_BAD_INPUT
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from fastmeal.metrics import finite_json
     from fastmeal.trainer import train
 
     cfg = config_from_args(args, **{"runtime.resume": args.resume})
     _setup_logging()
-    try:
-        summary = train(cfg)
-    except _user_errors() as err:
-        return _report_user_error(err)
+    summary = train(cfg)
     # Every rank prints its own summary (torchrun keeps ranks' streams apart): a rank's summary says
     # why it stopped ("preempted by SIGUSR1" on the signalled rank, "by peer" on the others).
-    print(json.dumps(summary, indent=2, default=str))
+    print(json.dumps(finite_json(summary), indent=2, default=str, allow_nan=False))
+    return 0
+
+
+def cmd_bank_build(args: argparse.Namespace) -> int:
+    from fastmeal.bank.build import build_bank, parse_epochs
+    from fastmeal.distributed import shutdown
+
+    cfg = config_from_args(args, **{"bank.top_k": args.top_k})
+    _setup_logging()
+    try:
+        summary = build_bank(cfg, args.out, epochs=parse_epochs(args.epochs, cfg.schedule.epochs),
+                             top_k=cfg.bank.top_k, chunk_records=cfg.bank.chunk_records, progress=not args.no_progress)
+    except _user_errors() as err:
+        return _report_user_error(err)
+    finally:
+        shutdown()
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(summary, indent=2, default=str))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from fastmeal.evaluate import evaluate_config
+    from fastmeal.metrics import finite_json
 
     extra = {"model.student": args.model, "model.student_weights": args.weights, "data.root": args.data,
              "data.image_size": args.res, "data.eval_resize": args.resize, "data.eval_batch_size": args.batch_size,
@@ -114,12 +153,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
              "precision.mode": args.precision}
     cfg = config_from_args(args, **{k: str(v) for k, v in extra.items() if v is not None})
     _setup_logging()
-    try:
-        result = evaluate_config(cfg, progress=not args.no_progress)
-    except _user_errors() as err:
-        return _report_user_error(err)
+    result = evaluate_config(cfg, progress=not args.no_progress)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(finite_json(result), indent=2, allow_nan=False))
     else:
         print(f"{result['model']} ({result['weights']}) at {result['image_size']} px (resize {result['eval_resize']}):"
               f" top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
@@ -136,10 +172,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from fastmeal.demo import run_demo
 
     _setup_logging()
+    run_demo(args.out, seed=args.seed, progress=not args.no_progress)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fastmeal.report import ReportError, write_report
+
+    _setup_logging()
     try:
-        run_demo(args.out, seed=args.seed, progress=not args.no_progress)
-    except _user_errors() as err:
+        report = write_report(args.run_dirs, args.out)
+    except ReportError as err:
         return _report_user_error(err)
+    for run in report.runs:
+        print(f"{run.name}: {next(r for r in report.rows if r['run'] == run.name)['status']}")
+    print(f"report written to {report.html} (figures: {', '.join(p.name for p in report.figures.values())}; "
+          f"summary: {report.markdown.name})")
     return 0
 
 
@@ -181,6 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue from the newest valid checkpoint of the run dir (auto) or from PATH")
     train.set_defaults(func=cmd_train)
 
+    bank = sub.add_parser("bank", help="the soft-label bank: teacher outputs stored once, replayed by students")
+    bank_sub = bank.add_subparsers(dest="action", required=True)
+    build = bank_sub.add_parser("build", help="run the teachers over every planned crop and store their top-K")
+    _add_config_args(build)
+    build.add_argument("--out", required=True, metavar="BANK", help="bank folder (continued if it exists)")
+    build.add_argument("--epochs", metavar="A:B", help="build epochs A..B-1 only (default: schedule.epochs)")
+    build.add_argument("--top-k", type=int, metavar="K", help="probabilities kept per record (default bank.top_k=5)")
+    build.add_argument("--no-progress", action="store_true")
+    build.set_defaults(func=cmd_bank_build)
+
     ev = sub.add_parser("eval", help="top-1/top-5 of a model on a val split (single centre crop, SPEC protocol)")
     _add_config_args(ev)
     ev.add_argument("--model", required=True, metavar="TAG", help="timm tag, e.g. resnet50 or resnet50.ram_in1k")
@@ -191,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--res", type=int, default=224, metavar="S", help="crop size S (default 224)")
     ev.add_argument("--resize", type=int, metavar="R", help="short side before the crop (default int(256/224*S))")
     ev.add_argument("--batch-size", type=int, default=256)
-    ev.add_argument("--workers", type=int, default=8)
+    ev.add_argument("--workers", type=int, help="loader workers (default data.workers, at most the CPUs)")
     ev.add_argument("--backend", choices=("auto", "dali", "torchvision"))
     ev.add_argument("--device", choices=("auto", "cpu", "cuda"))
     ev.add_argument("--precision", default="fp32", choices=("fp32", "amp", "amp-bf16", "amp-fp16"),
@@ -199,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=cmd_eval)
+
+    report = sub.add_parser("report", help="figures, report.html and report.md of run dirs (needs matplotlib)")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run dirs (runtime.run_dir); several share "
+                        "the axes, labelled by the config values that differ")
+    report.add_argument("--out", metavar="DIR", help="output folder (default RUN_DIR/report, ./report for several)")
+    report.set_defaults(func=cmd_report)
 
     demo = sub.add_parser("demo", help="end to end on the CPU: synthetic data, two teachers, a baseline, MEAL V2")
     demo.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
@@ -208,11 +272,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 130, 141
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every way it can end maps to an exit code (README, "Exit codes"), never to a hang.
+
+    0 done (a preempted run included: it wrote its checkpoint); 1 the run failed (NaN loss, full disk,
+    vanished run dir, or a bug: with its traceback); 2 bad input (config, data, weights, checkpoint,
+    busy run dir: the message says how to fix it); 130 Ctrl-C; 141 stdout closed early (``| head``).
+    Loader worker processes are ended on every path.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, not at interpreter exit, so that a closed pipe is handled below
+        return code
     except ConfigError as err:
         print(f"fastmeal: config error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("fastmeal: interrupted (Ctrl-C); checkpoints already written are intact: continue a training run "
+              "with --resume auto", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader (`| head`) is gone: say nothing more, and keep Python's exit-time flush from failing too.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except Exception as err:
+        if isinstance(err, _user_errors()):
+            return _report_user_error(err)
+        if isinstance(err, _failures()):
+            print(f"fastmeal: error: {err}", file=sys.stderr)
+            return EXIT_FAILED
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"fastmeal: error: no space left on the device writing {err.filename or 'a file'}: free some space "
+                  "(checkpoints already written are intact)", file=sys.stderr)
+            return EXIT_FAILED
+        traceback.print_exc()
+        print(f"fastmeal: error: unexpected {type(err).__name__} (a bug: please report it with the traceback above)",
+              file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        from fastmeal.data import close_loaders
+
+        close_loaders()

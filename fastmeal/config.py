@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -29,6 +30,8 @@ def _check_choice(name: str, value: Any, allowed: Iterable[Any]) -> None:
 
 
 def _check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} must be a finite number")
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
@@ -67,7 +70,9 @@ class DataConfig:
     # fixed shapes (CUDA graphs, no tiny BN batches). Eval always counts every sample exactly once.
     last_batch: str = "keep"  # keep | drop
     skip_corrupt: bool = False
-    dali_hw_decoder_load: float = 0.65  # share of JPEG decoding sent to the A100/H100 hardware decoder
+    # Share of the JPEGs sent to the A100/H100/H200 hardware decoder (DALI's own default 0.65 sends a third to
+    # the CUDA decoder, whose kernels take SMs from the training step); bench_loader measures 0.65/0.9/1.0.
+    dali_hw_decoder_load: float = 0.9
     cutmix: bool = False  # MEAL V2 CutMix variant: one box per batch, lambda ~ Beta(1, 1)
 
     def __post_init__(self) -> None:
@@ -224,10 +229,19 @@ class RuntimeConfig:
     checkpoint_every_steps: int = 0  # 0 = at the end of every epoch only
     keep_last: int = 3
     resume: str = ""  # "" | auto | path to a checkpoint
+    # A run dir that holds another run's checkpoints or metrics (without resume): error | overwrite | new
+    if_exists: str = "error"
     max_steps_per_epoch: int = 0  # 0 = the whole epoch; >0 truncates (smoke runs, benchmarks)
+    # torch.compile of the student's step (student, loss and discriminator; forward and backward): auto = on
+    # CUDA, off on the CPU (Inductor's CPU build costs minutes there). A compile failure falls back to eager.
+    compile: str = "auto"  # auto | on | off
+    # cuDNN autotuning: the batch shapes are fixed (the teachers' graphs pad the last batch), so it pays once.
+    cudnn_benchmark: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("runtime.device", self.device, ("auto", "cpu", "cuda"))
+        _check_choice("runtime.compile", self.compile, ("auto", "on", "off"))
+        _check_choice("runtime.if_exists", self.if_exists, ("error", "overwrite", "new"))
         _check_positive("runtime.checkpoint_every_steps", self.checkpoint_every_steps, allow_zero=True)
         _check_positive("runtime.keep_last", self.keep_last)
         _check_positive("runtime.max_steps_per_epoch", self.max_steps_per_epoch, allow_zero=True)
@@ -266,6 +280,23 @@ class ProfileConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class BankConfig:
+    """The soft-label bank: ``path`` set = train from its stored top-K records instead of live teachers.
+
+    ``top_k`` and ``chunk_records`` are what ``fastmeal bank build`` writes (``--top-k`` overrides).
+    """
+
+    path: str = ""
+    top_k: int = 5
+    chunk_records: int = 65536
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.top_k <= 64:
+            raise ConfigError(f"bank.top_k={self.top_k} must be in [1, 64]")
+        _check_positive("bank.chunk_records", self.chunk_records)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     """The whole run. ``name`` is the preset it came from (used in the default run dir)."""
 
@@ -280,6 +311,14 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    bank: BankConfig = field(default_factory=BankConfig)
+
+    def __post_init__(self) -> None:
+        if self.bank.path and self.loss.mode != "meal_v2":
+            raise ConfigError(f"bank.path={self.bank.path!r} holds teacher soft labels; it needs loss.mode=meal_v2")
+        if self.bank.path and self.data.cutmix:
+            raise ConfigError("bank.path with data.cutmix=true: CutMix mixes a batch before the teachers see it, so "
+                              "a per-image bank cannot hold their output; train the CutMix preset online")
 
     def lr_at(self, epoch: int) -> float:
         """The LR of every parameter group during ``epoch`` (0-based)."""
@@ -364,14 +403,16 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} must be a number")
         try:
-            if tp is int:
-                number = float(value)
-                if number != int(number):
-                    raise ValueError
-                return int(number)
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"{key}={value!r} must be {'an integer' if tp is int else 'a number'}") from err
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}={value!r} must be a finite number")
+        if tp is int:
+            if number != int(number):
+                raise ConfigError(f"{key}={value!r} must be an integer")
+            return int(number)
+        return number
     if tp is str:
         if not isinstance(value, str | int | float):
             raise ConfigError(f"{key}={value!r} must be a string")
@@ -467,16 +508,58 @@ def load_file(path: str | Path) -> dict[str, Any]:
             import tomllib
         except ModuleNotFoundError:  # Python 3.10
             import tomli as tomllib
-        return tomllib.loads(text)
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path} is not valid TOML: {err} (e.g. [optim] then lr = 0.02; strings in "
+                              "quotes)") from None
     if path.suffix in (".yaml", ".yml"):
         try:
             import yaml
         except ModuleNotFoundError as err:
             raise ConfigError(f"{path}: YAML configs need PyYAML (pip install pyyaml); TOML works as is") from err
-        return yaml.safe_load(text) or {}
-    if path.suffix == ".json":
-        return json.loads(text)
-    raise ConfigError(f"{path}: unknown config format {path.suffix!r}; use .toml, .yaml/.yml or .json")
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+    elif path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path} is not valid JSON: {err}") from None
+    else:
+        raise ConfigError(f"{path}: unknown config format {path.suffix!r}; use .toml, .yaml/.yml or .json")
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path} must hold a table of sections (e.g. optim: {{lr: 0.02}}), not {type(data).__name__}")
+    return dict(data)
+
+
+def to_toml(cfg: Config) -> str:
+    """The whole config as TOML that ``--config FILE`` reads back to the same config."""
+    lines = []
+    plain = cfg.to_dict()
+    for key, value in plain.items():
+        if not isinstance(value, dict):
+            lines.append(f"{key} = {_toml_value(value)}")
+    for section, values in plain.items():
+        if isinstance(values, dict):
+            lines.append(f"\n[{section}]")
+            lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise ConfigError(f"cannot write {value!r} as TOML")
 
 
 # --------------------------------------------------------------------------------------------

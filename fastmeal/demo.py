@@ -11,12 +11,16 @@ Stages, all through the one trainer (variants are configs):
    local-weights path a user takes with downloaded weights;
 5. the control: the baseline trained on with hard labels for as many epochs as the distillation,
    with the same schedule. The baseline of a tiny CPU run is not converged, so part of "distilled
-   beats baseline" is the extra epochs; "distilled beats control" is what distillation adds.
+   beats baseline" is the extra epochs; "distilled beats control" is what distillation adds;
+6. the soft-label bank: the two teachers run once over every planned crop of the distillation's
+   epochs (``fastmeal bank build``), and the same student is distilled again from the stored top-5
+   records instead of live teachers, with the same seed (so the same crops). Bank vs online top-1 and
+   the wall time of each are printed side by side.
 
 Everything is evaluated on the held-out val split with the SPEC protocol; a table is printed and
 written to ``OUT/summary.json`` (keys ``teachers`` — the ensemble's mean-softmax accuracy, with each
 member under ``members`` —, ``baseline``, ``distilled`` and ``control``, each with ``top1`` and
-``top5``).
+``top5``), and ``fastmeal report`` of the distillation and the control goes to ``OUT/report/``.
 
 The distillation stage's settings are the ``demo`` preset (``fastmeal.config.demo``); the teachers'
 and the baseline's are derived from it here (:class:`DemoSettings`). Reported accuracies are the last
@@ -47,6 +51,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fastmeal.config import Config, build_config
+from fastmeal.metrics import finite_json
 from fastmeal.trainer import Trainer, TrainerHook
 
 log = logging.getLogger("fastmeal.demo")
@@ -62,6 +67,7 @@ class DemoSettings:
         baseline_epochs, baseline_lr, baseline_lr_steps: the student's hard-label training.
         distill_epochs: the MEAL V2 stage (0 = the preset's ``schedule.epochs``).
         control: also train the control (stage 5).
+        bank: also build the soft-label bank and distil from it (stage 6).
         overrides: dotted-key overrides applied to the preset before anything else (tests shrink
             the demo with them: image size, models, batch size).
     """
@@ -78,6 +84,7 @@ class DemoSettings:
     baseline_lr_steps: str = "30:0.01"
     distill_epochs: int = 0
     control: bool = True
+    bank: bool = True
     overrides: tuple[tuple[str, str], ...] = ()
 
 
@@ -94,7 +101,7 @@ class _MeanSoftmax(nn.Module):
 
 # Offsets of each stage's runtime.seed (10 * seed + offset): teacher i uses i. The control shares the
 # distillation's seed, so that both see the same batches in the same order (a paired comparison).
-_SEED_OFFSETS = {"baseline": 7, "distilled": 8, "control": 8}
+_SEED_OFFSETS = {"baseline": 7, "distilled": 8, "control": 8, "bank_distilled": 8}
 
 
 def _stage_config(base: Config, out: Path, name: str, seed: int, overrides: dict[str, Any]) -> Config:
@@ -155,6 +162,26 @@ def _run_stage(cfg: Config, label: str, *, progress: bool) -> dict[str, Any]:
             "weights": str(run_dir / "student_last.safetensors")}
 
 
+def _bank_stages(distill_cfg: Config, out: Path, seed: int, *, progress: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Stage 6: build the bank of the distillation's run, then distil the same student from it."""
+    from fastmeal.bank.build import build_bank
+    from fastmeal.distributed import DistInfo, resolve_device
+
+    bank_dir = out / "bank"
+    if bank_dir.exists():
+        shutil.rmtree(bank_dir)
+    start = time.perf_counter()
+    with _quiet_training():
+        built = build_bank(distill_cfg, bank_dir, top_k=distill_cfg.bank.top_k, progress=progress,
+                           dist=DistInfo(device=resolve_device(distill_cfg.runtime.device)))
+    bank = {"path": str(bank_dir), "build_seconds": time.perf_counter() - start, "top_k": distill_cfg.bank.top_k,
+            **{k: built[k] for k in ("captured_mass", "kl", "crops_per_s", "samples", "bytes_per_epoch")}}
+    log.info("demo: bank      %d crops in %.1f s (%.0f crops/s), captured mass %.4f, KL %.5f", bank["samples"],
+             bank["build_seconds"], bank["crops_per_s"], bank["captured_mass"], bank["kl"])
+    cfg = _stage_config(distill_cfg, out, "bank_distilled", seed, {"bank.path": str(bank_dir)})
+    return bank, _run_stage(cfg, "bank", progress=progress)
+
+
 def _evaluate_ensemble(cfg: Config) -> dict[str, Any]:
     from fastmeal.data import build_loader
     from fastmeal.distributed import resolve_device
@@ -184,6 +211,8 @@ def format_table(summary: dict[str, Any]) -> str:
              ("baseline (hard labels)", summary["baseline"]), ("distilled (MEAL V2)", summary["distilled"])]
     if "control" in summary:
         rows.append(("control (more hard labels)", summary["control"]))
+    if "bank_distilled" in summary:
+        rows.append(("distilled from the bank", summary["bank_distilled"]))
     lines = [f"{'':28}{'model':20}{'top-1':>8}{'top-5':>8}{'wall s':>9}{'img/s':>8}"]
     for role, r in rows:
         wall = f"{r['seconds']:9.1f}" if "seconds" in r else f"{'':9}"
@@ -192,6 +221,13 @@ def format_table(summary: dict[str, Any]) -> str:
     lines.append(f"distilled - baseline: {summary['margin_top1']:+.2f} top-1, {summary['margin_top5']:+.2f} top-5 "
                  "(points)" + (f"; distilled - control: {summary['margin_over_control_top1']:+.2f} top-1"
                                if "control" in summary else ""))
+    if "bank_distilled" in summary:
+        bank, online = summary["bank"], summary["distilled"]
+        lines.append(f"bank vs online: top-1 {summary['bank_distilled']['top1']:.2f} vs {online['top1']:.2f} "
+                     f"({summary['bank_minus_online_top1']:+.2f}); wall {bank['build_seconds']:.1f} s build + "
+                     f"{summary['bank_distilled']['seconds']:.1f} s train vs {online['seconds']:.1f} s online; "
+                     f"top-{bank['top_k']} keeps {100 * bank['captured_mass']:.2f}% of the mass, "
+                     f"KL(p || decoded) {bank['kl']:.4f}")
     lines.append(f"total {summary['total_seconds']:.0f} s on {summary['device']}")
     return "\n".join(lines)
 
@@ -246,6 +282,10 @@ def run_demo(out: str | Path = "demo_out", *, seed: int = 0, settings: DemoSetti
         control = _run_stage(_stage_config(base, out, "control", seed, {
             **hard_labels, "model.student_weights": baseline["weights"]}), "control", progress=progress)
 
+    bank = bank_distilled = None
+    if settings.bank:
+        bank, bank_distilled = _bank_stages(distill_cfg, out, seed, progress=progress)
+
     summary = {
         "teachers": {**ensemble, "members": teachers},
         "baseline": baseline,
@@ -253,13 +293,28 @@ def run_demo(out: str | Path = "demo_out", *, seed: int = 0, settings: DemoSetti
         "margin_top1": distilled["top1"] - baseline["top1"],
         "margin_top5": distilled["top5"] - baseline["top5"],
         **({"control": control, "margin_over_control_top1": distilled["top1"] - control["top1"]} if control else {}),
+        **({"bank": bank, "bank_distilled": bank_distilled,
+            "bank_minus_online_top1": bank_distilled["top1"] - distilled["top1"]} if bank else {}),
         "seed": seed,
         "settings": asdict(settings),
         "distill_config": distill_cfg.to_dict(),
         "device": _device_name(distill_cfg),
         "total_seconds": time.perf_counter() - start,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps(finite_json(summary), indent=2, allow_nan=False) + "\n")
     print(format_table(summary))
     print(f"summary written to {out / 'summary.json'}")
+    _write_report([out / "distilled", *([out / "control"] if control else [])], out / "report")
     return summary
+
+
+def _write_report(run_dirs: list[Path], out: Path) -> None:
+    """``fastmeal report`` of the distillation (and the control); without matplotlib, how to get it."""
+    from fastmeal.report import ReportError, write_report
+
+    try:
+        report = write_report(run_dirs, out)
+    except ReportError as err:
+        print(f"no report: {err}")
+        return
+    print(f"report written to {report.html} (figures and report.md next to it)")

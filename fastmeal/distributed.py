@@ -8,8 +8,9 @@ node (``--nproc-per-node 8``) or several (``--nnodes 2 --rdzv-backend c10d --rdz
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -46,8 +47,20 @@ def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.devic
     if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("runtime.device=cuda was asked for but CUDA is not available; use runtime.device=cpu")
+        why = "built without CUDA" if torch.version.cuda is None else "no GPU visible"
+        raise ConfigError(f"runtime.device=cuda was asked for but CUDA is not available (torch {torch.__version__}, "
+                          f"{why}); use runtime.device=cpu (or auto)")
     return torch.device("cuda", local_rank)
+
+
+def configure_device(cudnn_benchmark: bool, device: torch.device) -> None:
+    """The process-wide CUDA settings of a run (``runtime.cudnn_benchmark``); nothing on the CPU.
+
+    Set before the teachers' CUDA graphs are captured (their warm-up is where cuDNN autotunes) and again
+    by the trainer, so ``fastmeal train`` and the benchmarks run the convolutions the same way.
+    """
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cudnn_benchmark
 
 
 def init_distributed(device_preference: str = "auto") -> DistInfo:
@@ -59,7 +72,10 @@ def init_distributed(device_preference: str = "auto") -> DistInfo:
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            # device_id binds the group to this rank's GPU: NCCL connects now, not lazily inside the first step.
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo")
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
@@ -157,21 +173,75 @@ def check_ranks_agree(value: Any, what: str, *, hint: str = "",
         raise error(f"the ranks disagree on {what} ({per_rank}){'; ' + hint if hint else ''}")
 
 
+# What a loader worker ignores: the rank's preemption signals (torchrun and SLURM signal every process of
+# the rank) and Ctrl-C's SIGINT, which the terminal sends to the whole foreground process group. The rank
+# handles each of them and then ends its workers itself.
+WORKER_IGNORED_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+
+
+def _worker_ignored_signums() -> list[int]:
+    import signal
+
+    return [getattr(signal, name) for name in WORKER_IGNORED_SIGNALS if hasattr(signal, name)]
+
+
+@contextlib.contextmanager
+def worker_signals_blocked() -> Iterator[None]:
+    """Block :data:`WORKER_IGNORED_SIGNALS` in this thread while loader workers are started.
+
+    A child starts with its parent's signal mask, so a worker forked (or started from a forkserver that is
+    itself started) inside this block holds those signals pending, not delivered, until
+    :func:`ignore_preemption_signals` has made it ignore them. Without the block, a signal that arrives
+    between the fork and ``worker_init_fn`` meets torch's worker handler (SIGTERM kills it) or Python's
+    (SIGINT raises in it), and the rank fails instead of stopping cleanly. The rank's own signals stay
+    pending meanwhile and reach its handlers when the block ends.
+    """
+    import signal
+
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _worker_ignored_signums())
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def ignore_preemption_signals(worker_id: int = 0) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn signature
-    """DataLoader ``worker_init_fn``: the loader's worker processes ignore SIGTERM and SIGUSR1.
+    """DataLoader ``worker_init_fn``: the loader's worker processes ignore SIGTERM, SIGUSR1 and SIGINT.
 
     torchrun forwards a signal to each rank's whole process group and SLURM signals every process of a
     job step, so the loader's workers get the rank's preemption signal too. torch's worker dies on a
     SIGTERM that does not come from its parent, and the rank's SIGCHLD handler then raises in the
     middle of the step, before the checkpoint. The rank handles the signal (:class:`PreemptionHandler`);
-    its workers end when it shuts its loaders down, or when it exits (they watch their parent).
+    its workers end when it closes its loaders (``fastmeal.data.close_loaders``, on every exit path), and
+    the kernel kills them when the rank dies (``PR_SET_PDEATHSIG``), so none is left behind. Workers
+    started inside :func:`worker_signals_blocked` get the signals unblocked here, once they are ignored
+    (a signal still pending then is discarded).
     """
     import signal
 
-    for name in PreemptionHandler.SIGNALS:
-        signum = getattr(signal, name, None)
-        if signum is not None:
-            signal.signal(signum, signal.SIG_IGN)
+    signums = _worker_ignored_signums()
+    for signum in signums:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signums)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel SIGKILLs this process when its parent dies, however it dies (SIGKILL included).
+
+    A worker that ignores SIGTERM would otherwise outlive a rank killed by a signal as an orphan.
+    """
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+    except (OSError, AttributeError):  # not Linux: the worker's own parent watchdog remains
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(0)
 
 
 class PreemptionHandler:
@@ -189,6 +259,7 @@ class PreemptionHandler:
         self.signal_name: str | None = None
         self._previous: dict[int, object] = {}
         self._group = None
+        self._pending: tuple[Any, torch.Tensor] | None = None  # the all-reduce started by the last check
 
     def install(self) -> PreemptionHandler:
         import signal
@@ -196,17 +267,26 @@ class PreemptionHandler:
 
         if threading.current_thread() is not threading.main_thread():
             return self  # signal handlers can only be set from the main thread (e.g. not under some test runners)
-        for name in self.SIGNALS:
-            signum = getattr(signal, name, None)
-            if signum is not None:
-                self._previous[signum] = signal.signal(signum, self._on_signal)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if not self._previous:  # idempotent: `fastmeal train` installs it before set-up, the hook again
+            for name in self.SIGNALS:
+                signum = getattr(signal, name, None)
+                if signum is not None:
+                    self._previous[signum] = signal.signal(signum, self._on_signal)
+        # The agreement group needs the process group, which may start after the handlers are installed.
+        if self._group is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
         return self
+
+    def finish(self) -> None:
+        """Wait for the agreement all-reduce still in flight, if any: none may outlive the process group."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
 
     def uninstall(self) -> None:
         import signal
 
+        self.finish()
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
@@ -217,12 +297,26 @@ class PreemptionHandler:
         self.signal_name = signal.Signals(signum).name
 
     def should_stop(self) -> bool:
-        """True on every rank once any rank has received a preemption signal."""
+        """True on every rank once any rank has received a preemption signal.
+
+        In a distributed run each call starts an asynchronous all-reduce of this rank's flag and reads
+        the one the previous call started, which has long finished: no call waits for the other ranks.
+        Every rank makes the same calls in the same order, so they all read the same value at the same
+        call, and a signal that reached any rank stops them all one call (one step) later.
+        """
         local = self.signal_name is not None
         if self._group is None:
             return local
+        stop = False
+        if self._pending is not None:
+            work, flag = self._pending
+            work.wait()
+            stop = bool(flag.item())  # a CPU tensor: no device sync
+        if stop:
+            self._pending = None
+            if self.signal_name is None:
+                self.signal_name = "peer"
+            return True
         flag = torch.tensor([1 if local else 0], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        if flag.item() and self.signal_name is None:
-            self.signal_name = "peer"
-        return bool(flag.item())
+        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flag)
+        return False

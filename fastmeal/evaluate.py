@@ -18,6 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fastmeal.config import Config
+from fastmeal.console import progress_enabled
 from fastmeal.metrics import DeviceMeans, topk_correct
 from fastmeal.profiling import phase
 
@@ -80,7 +81,8 @@ def evaluate(model: nn.Module, loader: Any, *, device: torch.device, autocast_dt
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     start = time.perf_counter()
     try:
-        for images, labels in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+        bar = tqdm(loader, desc=desc, disable=not progress_enabled(progress), leave=False, dynamic_ncols=True)
+        for images, labels in bar:
             with phase("eval"):
                 with autocast_context(device, autocast_dtype):
                     logits = model(images.contiguous(memory_format=memory_format))

@@ -46,6 +46,7 @@ class PreemptionHook(TrainerHook):
     """
 
     def __init__(self, handler: PreemptionHandler | None = None) -> None:
+        self._owns_handler = handler is None
         self.handler = handler or PreemptionHandler()
         self.stop_requested = False
 
@@ -53,6 +54,7 @@ class PreemptionHook(TrainerHook):
         self.handler.install()
         if trainer.is_main:
             (trainer.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+        self._check(trainer)  # a signal that arrived during set-up: stop before the first step
 
     def after_step(self, trainer: Trainer, parts: dict[str, Tensor]) -> None:  # noqa: ARG002 - hook signature
         self._check(trainer)
@@ -69,7 +71,9 @@ class PreemptionHook(TrainerHook):
                         trainer.global_step)
 
     def on_train_end(self, trainer: Trainer) -> None:
-        self.handler.uninstall()
+        self.handler.finish()  # the last agreement exchange, before any barrier or the process group's end
+        if self._owns_handler:
+            self.handler.uninstall()
         if not self.stop_requested:
             return
         if trainer.is_main:
@@ -83,6 +87,9 @@ class PreemptionHook(TrainerHook):
         # Only a stop that reached its checkpoint is a preemption to resume from (fit may have raised).
         checkpoint = trainer.checkpoints.path_for(trainer.global_step)
         if not checkpoint.is_file():
+            if trainer.global_step == 0:
+                log.warning("stopped by %s before the first step: nothing to resume from", self.handler.signal_name)
+                return
             log.error("stopped by %s but no checkpoint for global step %d exists in %s", self.handler.signal_name,
                       trainer.global_step, checkpoint.parent)
             return
@@ -129,6 +136,11 @@ class ProfilerHook(TrainerHook):
                      self.profile.torch_steps, self.windows.trace_path)
 
 
-def default_hooks(cfg: Config) -> list[TrainerHook]:
-    """The hooks ``fastmeal train`` runs with: graceful preemption and the profiler windows of ``cfg.profile``."""
-    return [PreemptionHook(), ProfilerHook(cfg.profile)]
+def default_hooks(cfg: Config, handler: PreemptionHandler | None = None) -> list[TrainerHook]:
+    """The hooks ``fastmeal train`` runs with: graceful preemption and the profiler windows of ``cfg.profile``.
+
+    Args:
+        handler: an installed handler that outlives the fit (``train`` installs it before set-up and
+            removes it after the final exports); None: the hook installs and removes its own.
+    """
+    return [PreemptionHook(handler), ProfilerHook(cfg.profile)]

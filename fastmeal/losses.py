@@ -152,6 +152,73 @@ def meal_v2_loss(student_logits: Tensor, teacher_logits: Tensor | Sequence[Tenso
     return out
 
 
+def decode_topk(probs: Tensor, indices: Tensor, num_classes: int) -> Tensor:
+    """The full target of a soft-label bank record: top-K probabilities, the rest spread evenly.
+
+    ``p[c] = probs[k]`` where ``c = indices[k]``; every other class gets ``max(1 - Σ probs, 0) / (C - K)``
+    (0 when K = C). The plain-PyTorch twin of ``fastmeal.kernels.topk_soft_ce``'s decoding.
+
+    Args:
+        probs: ``[B, K]`` top-K probabilities (fp16 as stored, or any float dtype).
+        indices: ``[B, K]`` their class indices (int16 as stored, or any integer dtype), distinct in a row.
+        num_classes: C.
+
+    Returns:
+        ``[B, C]`` fp32 probabilities.
+    """
+    probs = probs.float()
+    top_k = probs.shape[-1]
+    rest = (1.0 - probs.sum(-1, keepdim=True)).clamp(min=0.0)
+    share = rest / (num_classes - top_k) if num_classes > top_k else torch.zeros_like(rest)
+    target = share.expand(probs.shape[0], num_classes).clone()
+    return target.scatter_(1, indices.long(), probs)
+
+
+def _topk_kd_torch(student_logits: Tensor, probs: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Plain-PyTorch twin of ``fastmeal.kernels.topk_soft_ce.topk_soft_ce``: ``(kd, kl, target)``, fp32."""
+    target = decode_topk(probs, indices, student_logits.shape[-1])
+    kd = soft_cross_entropy(student_logits, target)
+    with torch.no_grad():
+        kl = kd + torch.xlogy(target, target).sum(-1).mean()
+    return kd, kl, target
+
+
+def bank_meal_v2_loss(student_logits: Tensor, probs: Tensor, indices: Tensor, discriminator: nn.Module | None, *,
+                      impl: str = "torch") -> dict[str, Tensor]:
+    """MEAL V2 from a soft-label bank record instead of live teachers, math in fp32.
+
+    ``kd`` is the soft cross-entropy to the decoded target (:func:`decode_topk`). The bank has no
+    teacher logits, so the discriminator compares ``softmax(s)`` with the decoded target:
+    ``d = BCEWithLogits(D(cat[softmax(s), target]), targets)`` (the one rule that differs from the
+    online loss besides top-K; the gradient of ``d`` still reaches the student, through the softmax).
+
+    Args:
+        student_logits: ``[B, C]``; gradients flow into it from ``kd`` and ``d``.
+        probs, indices: ``[B, K]`` the records' top-K probabilities and class indices.
+        discriminator: ``D`` or None.
+        impl: ``torch``, ``triton`` (the fused sparse-target kernel) or ``auto`` (triton on CUDA).
+
+    Returns:
+        Scalar fp32 tensors ``loss``, ``kd``, ``kl`` (detached) and, with a discriminator, ``d``.
+    """
+    if probs.dim() != 2 or probs.shape != indices.shape or probs.shape[0] != student_logits.shape[0]:
+        raise ValueError(f"bank records must be [B, K] probabilities and indices with B = {student_logits.shape[0]}, "
+                         f"got {tuple(probs.shape)} and {tuple(indices.shape)}")
+    student_rows = student_logits.float()  # one fp32 copy feeds both terms (see meal_v2_loss)
+    if _use_triton(impl, student_logits):
+        from fastmeal.kernels.topk_soft_ce import topk_soft_ce
+
+        kd, kl, target = topk_soft_ce(student_rows, probs, indices)
+    else:
+        kd, kl, target = _topk_kd_torch(student_rows, probs, indices)
+    out = {"loss": kd, "kd": kd, "kl": kl.detach()}
+    if discriminator is not None:
+        d = discriminator_loss(discriminator, F.softmax(student_rows, dim=-1), target)
+        out["loss"] = kd + d
+        out["d"] = d
+    return out
+
+
 def reference_meal_v2_loss(student_logits: Tensor, teacher_logits: Tensor | Sequence[Tensor],
                            discriminator: nn.Module | None) -> dict[str, Tensor]:
     """The reference implementation's op chain, kept literal for the benchmarks' "reference mode".

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from fastmeal.config import ConfigError
 from fastmeal.distributed import all_reduce_sum
 
 
@@ -68,6 +69,17 @@ class DeviceMeans:
         self._sums[:-1].add_(values.detach().to(self._sums.dtype))
         self._sums[-1].add_(num_samples)
 
+    def all_finite(self, *, all_ranks: bool = False) -> bool:
+        """Whether every sum since the last reset is finite (a NaN/inf loss poisons its sum): one host sync.
+
+        Args:
+            all_ranks: agree over all ranks (collective): False on every rank when any rank saw a non-finite value.
+        """
+        flag = (~torch.isfinite(self._sums)).any().to(torch.float64).reshape(1)
+        if all_ranks:
+            all_reduce_sum(flag)
+        return not bool(flag.item())
+
     def read(self, *, reset: bool = True, all_ranks: bool = False) -> tuple[dict[str, float], int]:
         """Means since the last reset and the sample count: the one host sync.
 
@@ -112,7 +124,7 @@ class MetricsWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:  # an explicit request that cannot be met fails loudly (STYLE)
-                raise RuntimeError("logging.tensorboard=true needs TensorBoard: pip install tensorboard "
+                raise ConfigError("logging.tensorboard=true needs TensorBoard: pip install tensorboard "
                                    "(or pip install 'fastmeal[tensorboard]')") from err
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
@@ -122,7 +134,7 @@ class MetricsWriter:
             return
         row = {"kind": kind, **record}
         with self.path.open("a") as f:
-            f.write(json.dumps(row, default=_jsonable) + "\n")
+            f.write(json.dumps(finite_json(row), default=jsonable, allow_nan=False) + "\n")
         if self._tb is not None:
             step = int(record.get("global_step", 0))
             for key, value in record.items():
@@ -135,15 +147,51 @@ class MetricsWriter:
             self._tb = None
 
 
-def read_jsonl(path: str | os.PathLike, kind: str | None = None) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` file, optionally only those of one ``kind``."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def read_jsonl(path: str | os.PathLike, kind: str | None = None, *,
+               on_bad_line: Callable[[int, str], None] | None = None) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file, optionally only those of one ``kind``.
+
+    Args:
+        path: the file.
+        kind: keep only records of this ``kind``.
+        on_bad_line: called with ``(line_number, line)`` (1-based) for each line that is not a JSON
+            object, which is then skipped (a killed run leaves a partial last line); None raises.
+    """
+    rows = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if on_bad_line is None:
+                raise
+            row = None
+        if not isinstance(row, dict):
+            if on_bad_line is None:
+                raise ValueError(f"{path}: line {number} is not a JSON object")
+            on_bad_line(number, line)
+            continue
+        rows.append(row)
     return [r for r in rows if kind is None or r.get("kind") == kind]
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``json.dumps(default=...)``: tensors as lists, paths as strings."""
     if isinstance(value, Tensor):
         return value.tolist()
     if isinstance(value, os.PathLike):
         return str(value)
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN/inf float replaced by None, so that the JSON written is valid (no ``NaN``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value
+

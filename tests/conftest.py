@@ -17,10 +17,24 @@ if not torch.cuda.is_available():
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def _dali_available() -> bool:
+    # fastmeal.data.dali_available's check, without importing fastmeal: a broken package must not stop the
+    # collection of every test file (the GPU suite runs them all, and reports each file that fails to import).
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs CUDA (run benchmarks/device_suite.sh on a GPU machine)")
+    skip_gpu = pytest.mark.skip(reason="needs CUDA (run benchmarks/device_suite.sh on a GPU machine)")
+    # The GPU machine starts without DALI (it travels there in parts): its tests skip, they do not fail.
+    skip_dali = pytest.mark.skip(reason="needs DALI (pip install nvidia-dali-cuda120; on the GPU machine, stage it)")
+    has_cuda, has_dali = torch.cuda.is_available(), _dali_available()
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)
+        if "dali" in item.keywords and not has_dali:
+            item.add_marker(skip_dali)

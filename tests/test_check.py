@@ -42,17 +42,19 @@ def test_clean_dataset_is_ok_with_right_counts(clean):
     assert "no problems found" in text and all(name in text for name in summary["classes"])
 
 
-def test_oddities_are_counted_and_only_the_png_is_a_problem(odd):
+def test_oddities_are_counted_and_the_png_named_jpeg_is_a_note_not_a_problem(odd):
     root, summary = odd
     report = check_dataset(root, progress=False)
     odd_paths = summary["oddities"]
     assert report.modes["L"] == len(odd_paths["grayscale"]) and report.modes["CMYK"] == len(odd_paths["cmyk"])
     assert report.formats == {"JPEG": 17, "PNG": 1}
     assert report.num_progressive == len(odd_paths["progressive"])
-    [problem] = report.problems
-    assert (problem.kind, problem.path) == ("format_mismatch", str(root / odd_paths["png_as_jpeg"][0]))
-    assert "PNG" in problem.message and "fastmeal's loaders" in problem.message
-    assert "CMYK" in format_report(report)
+    assert report.ok and report.problems == []  # the loaders decode it: `fastmeal data check` exits 0
+    [note] = report.notes
+    assert (note.kind, note.path) == ("format_mismatch", str(root / odd_paths["png_as_jpeg"][0]))
+    assert "PNG" in note.message and "fastmeal's loaders" in note.message
+    text = format_report(report)
+    assert "CMYK" in text and "1 note (not problems)" in text and "no problems found" in text
 
 
 def test_finds_and_names_every_planted_problem(clean, tmp_path):
@@ -90,7 +92,6 @@ def test_finds_and_names_every_planted_problem(clean, tmp_path):
     expected = {
         str(truncated): {"truncated"},
         str(zero_byte): {"zero_byte"},
-        str(png): {"format_mismatch"},
         str(garbage): {"unreadable"},
         str(empty): {"empty_class"},
         str(root / "val" / "c002b_empty"): {"class_mismatch"},  # the empty train class is absent from val
@@ -100,6 +101,7 @@ def test_finds_and_names_every_planted_problem(clean, tmp_path):
     }
     assert not report.ok
     assert problems_by_path(report) == expected
+    assert [(n.path, n.kind) for n in report.notes] == [(str(png), "format_mismatch")]
     assert report.counts["train"][first] == 4 and report.counts["train"]["c002b_empty"] == 0
     assert report.counts["val"][second] == 3 and third not in report.counts["val"]
     assert report.problems == sorted(report.problems, key=lambda p: (p.path, p.kind))

@@ -25,6 +25,7 @@ from fastmeal.checkpoint import (
     load_checkpoint,
     restore_rng_state,
     save_student_weights,
+    state_digest,
 )
 
 
@@ -34,13 +35,22 @@ def fake_state(step: int) -> dict:
             "global_step": step, "config": "{}"}
 
 
-def test_atomic_save_writes_a_matching_digest_and_no_temporary(tmp_path):
+def test_atomic_save_keeps_the_digest_inside_and_leaves_no_temporary(tmp_path):
     path = tmp_path / "ckpt-000000001.pt"
     digest = atomic_torch_save(fake_state(1), path)
     assert digest == file_sha256(path)
-    assert (tmp_path / "ckpt-000000001.pt.sha256").read_text().split()[0] == digest
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000000001.pt", "ckpt-000000001.pt.sha256"]
-    assert torch.equal(load_checkpoint(path)["student"]["w"], torch.full((64, 64), 1.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000000001.pt"]  # one file: no sidecar to lose
+    state = load_checkpoint(path)
+    assert state["digest"] == state_digest(fake_state(1)) and state_digest(state) == state["digest"]
+    assert torch.equal(state["student"]["w"], torch.full((64, 64), 1.0))
+
+
+def test_a_checkpoint_without_any_digest_loads_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "old.pt"
+    torch.save(fake_state(1), path)  # as a hand-made or pre-digest file
+    with caplog.at_level("WARNING", logger="fastmeal.checkpoint"):
+        assert load_checkpoint(path)["global_step"] == 1
+    assert "carries no digest" in caplog.text and "cannot be verified" in caplog.text
 
 
 def test_a_failing_writer_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -67,7 +77,7 @@ def test_a_flipped_byte_is_detected_although_torch_load_would_accept_it(tmp_path
     data[index] ^= 0xFF
     path.write_bytes(bytes(data))
     assert not torch.equal(torch.load(path, weights_only=True)["student"]["w"], torch.full((64, 64), 1.0))
-    with pytest.raises(CheckpointError, match="damaged or truncated"):
+    with pytest.raises(CheckpointError, match="damaged or truncated.*digest stored in it"):
         load_checkpoint(path)
 
 
@@ -103,8 +113,9 @@ def test_manager_keeps_the_last_k_and_the_best(tmp_path):
     assert load_checkpoint(manager.best_path)["global_step"] == 20  # kept although ckpt-20 was pruned
     assert json.loads((tmp_path / "ckpts" / "best.json").read_text())["from"] == "ckpt-000000020.pt"
     files = sorted(p.name for p in (tmp_path / "ckpts").iterdir())
-    assert files == ["best.json", "best.pt", "best.pt.sha256", "ckpt-000000030.pt", "ckpt-000000030.pt.sha256",
-                     "ckpt-000000040.pt", "ckpt-000000040.pt.sha256"]
+    assert files == ["best.json", "best.pt", "ckpt-000000030.pt", "ckpt-000000040.pt", "manifest.json"]
+    manifest = json.loads((tmp_path / "ckpts" / "manifest.json").read_text())
+    assert manifest["latest"] == "ckpt-000000040.pt" and manifest["best"]["global_step"] == 20
 
 
 def test_find_latest_valid_walks_back_past_damage_and_ignores_temporaries(tmp_path):

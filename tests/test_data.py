@@ -384,13 +384,21 @@ def test_next_decodable_rule(corrupt_root):
 
 def test_dali_unnamed_decoder_error_is_confirmed_with_pil(corrupt_root):
     """DALI's decoder says "sample #k" without a path when the path is not in its message."""
-    loader = build_loader(_cfg(corrupt_root, "dali"), "train")
+    # The dataset index refuses files without a readable header up front unless skip_corrupt; with it, the
+    # substitutes are dropped here so that the decoder-message parsing itself is what is tested.
+    loader = build_loader(_cfg(corrupt_root, "dali", **{"data.skip_corrupt": True}), "train")
+    loader.substitutes.clear()
     from fastmeal.data.dali import _Batch
 
     paths = loader.paths
     truncated = paths.index(str(corrupt_root / "train" / "n002" / "img_2.JPEG"))
     loader._inflight.extend([_Batch(0, 0, [0, 1, 2, 3]), _Batch(0, 1, [4, truncated, 5, 6])])
     assert loader._culprit("Failed to decode sample #1 : ") == truncated
-    assert loader._culprit("Failed to decode sample #3 : ") is None  # paths[3] and paths[6] decode with PIL
+    # paths[3] and paths[6] decode with PIL, and so does a message without a name or number: the culprit is then
+    # the in-flight file PIL fails on too (how a text file named .JPEG is found: "no identifiable file")
+    assert loader._culprit("Failed to decode sample #3 : ") == truncated
+    assert loader._culprit("something else") == truncated
+    loader._inflight.clear()
+    loader._inflight.append(_Batch(0, 0, [0, 1, 2, 3]))
     assert loader._culprit("something else") is None
     assert os.path.basename(paths[truncated]) == "img_2.JPEG"

@@ -248,6 +248,7 @@ def test_train_crop_and_flip_statistics(ramp_root, backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.dali
 def test_gpu_val_matches_cpu_twin(photo_root):
     """nvJPEG (libjpeg's upsampling asked for) + GPU resize vs the CPU graph; fp16 output."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
@@ -269,6 +270,7 @@ def test_gpu_val_matches_cpu_twin(photo_root):
 
 
 @pytest.mark.gpu
+@pytest.mark.dali
 def test_gpu_train_statistics_match_the_spec(ramp_root):
     cfg = _cfg(ramp_root, "dali", **{"precision.mode": "amp", "teacher_engine.dtype": "fp16"})
     loader = build_loader(cfg, "train", device=torch.device("cuda"))
@@ -281,3 +283,28 @@ def test_gpu_train_statistics_match_the_spec(ramp_root):
     critical = 1.95 * math.sqrt((len(area) + len(ref_area)) / (len(area) * len(ref_area)))
     assert _ks(area, ref_area) < critical and _ks(np.log(aspect), np.log(ref_aspect)) < critical
     assert abs(flipped.mean() - 0.5) < 3.3 * 0.5 / math.sqrt(len(area))
+
+
+@pytest.mark.gpu
+@pytest.mark.dali
+def test_gpu_batches_stay_intact_while_kernels_queued_on_them_run_late(photo_root):
+    """DALI may reuse a batch's buffer for a later batch: each handed-out batch must be torch's own memory.
+
+    Work queued on torch's stream behind a long sleep reads every batch only after DALI has produced the
+    following ones; a reused buffer would then hold another batch's pixels. Compared with the CPU twin.
+    """
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    cfg = _cfg(photo_root, "dali", **{"data.eval_batch_size": 4, "data.prefetch": 2, "precision.mode": "amp",
+                                      "teacher_engine.dtype": "fp16"})
+    late = []
+    for images, _ in build_loader(cfg, "val", device=cuda):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time before the copy below can run
+        late.append(images.clone())  # queued: runs after the sleep
+        del images  # only the queued copy still reads the batch
+    torch.cuda.synchronize()
+    twin, _ = _epoch(build_loader(cfg, "val", device=cpu))
+    got = torch.cat([x.float().cpu() for x in late])
+    assert got.shape == twin.shape
+    per_image = (got - twin).abs().mean((1, 2, 3))
+    print(f"late copies vs CPU twin: worst image mean |diff| {per_image.max():.5f}")
+    assert per_image.max() < 2 * LEVEL  # another image's pixels would differ by ~1 (normalised units)

@@ -43,6 +43,7 @@ def _fit_worker(rank: int, world_size: int, root: str, batchnorm: bool):
     if world_size > 1:
         # Student and discriminator in ONE DDP wrapper (one all-reduce); the teachers outside it, unwrapped.
         assert isinstance(wrapped, DistributedDataParallel) and wrapped.module is trainer.model
+        assert wrapped.gradient_as_bucket_view and wrapped.static_graph  # eager student: the graph is static
         in_ddp = {id(p) for p in wrapped.parameters()}
         trained = {id(p) for p in trainer.model.student.parameters()} | {
             id(p) for p in trainer.model.discriminator.parameters()}

@@ -13,7 +13,7 @@ SHRUNK = DemoSettings(
     teacher_epochs=1, baseline_epochs=1, distill_epochs=1,
     overrides=(("data.image_size", "32"), ("data.batch_size", "6"), ("data.workers", "0"),
                ("data.backend", "torchvision"), ("model.student", "test_resnet"),
-               ("model.teachers", "test_resnet,test_efficientnet")),
+               ("model.teachers", "test_resnet,test_efficientnet"), ("bank.top_k", "2")),
 )
 
 
@@ -26,7 +26,7 @@ def demo(tmp_path_factory):
 def test_summary_json_has_every_stage(demo):
     out, summary = demo
     written = json.loads((out / "summary.json").read_text())
-    for key in ("teachers", "baseline", "distilled", "control"):
+    for key in ("teachers", "baseline", "distilled", "control", "bank_distilled"):
         assert 0.0 <= written[key]["top1"] <= written[key]["top5"] <= 100.0
     assert [m["model"] for m in written["teachers"]["members"]] == ["test_resnet", "test_efficientnet"]
     assert written["margin_top1"] == pytest.approx(written["distilled"]["top1"] - written["baseline"]["top1"])
@@ -34,6 +34,24 @@ def test_summary_json_has_every_stage(demo):
         written["distilled"]["top1"] - written["control"]["top1"])
     assert written["seed"] == 1 and written["total_seconds"] > 0
     assert summary["distilled"]["top1"] == written["distilled"]["top1"]
+    assert written["bank_minus_online_top1"] == pytest.approx(
+        written["bank_distilled"]["top1"] - written["distilled"]["top1"])
+    bank = written["bank"]
+    assert bank["samples"] == 18 and bank["top_k"] == 2 and 0 < bank["captured_mass"] <= 1
+    assert bank["build_seconds"] > 0 and bank["crops_per_s"] > 0
+
+
+def test_the_bank_stage_replays_the_distillations_run_without_teachers(demo):
+    out, _ = demo
+    online = json.loads((out / "distilled" / "config.json").read_text())
+    bank = json.loads((out / "bank_distilled" / "config.json").read_text())
+    assert bank["bank"]["path"] == str(out / "bank") and online["bank"]["path"] == ""
+    # Same student start, seed (hence crops), schedule and teachers as the online distillation.
+    for section in ("model", "schedule", "optim", "data"):
+        assert bank[section] == online[section], section
+    assert bank["runtime"]["seed"] == online["runtime"]["seed"]
+    manifest = json.loads((out / "bank" / "manifest.json").read_text())
+    assert manifest["seed"] == online["runtime"]["seed"] and manifest["summary"]["epochs"] == [0]
 
 
 def test_the_distillation_starts_from_the_files_the_earlier_stages_wrote(demo):
@@ -61,5 +79,16 @@ def test_the_table_is_printed(demo, capsys):
 
     table = format_table(demo[1])
     for row in ("teacher 0", "teacher 1", "teachers (ensemble)", "baseline (hard labels)", "distilled (MEAL V2)",
-                "control (more hard labels)", "distilled - baseline", "distilled - control"):
+                "control (more hard labels)", "distilled - baseline", "distilled - control",
+                "distilled from the bank", "bank vs online: top-1"):
         assert row in table
+
+
+def test_the_demo_writes_its_report(demo, capsys):
+    out, _ = demo
+    report = out / "report"
+    for name in ("accuracy.png", "loss.png", "throughput.png", "report.html", "report.md"):
+        assert (report / name).stat().st_size > 0, name
+    summary = (report / "report.md").read_text()
+    assert "| distilled | demo | finished (1 epochs) |" in summary and "| control |" in summary
+    assert "| loss.mode | meal_v2 | ce |" in summary

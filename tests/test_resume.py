@@ -22,6 +22,7 @@ import torch
 from tiny import DISK_CLASSES, jpeg_dataset, one_intraop_thread
 
 from fastmeal.config import build_config
+from fastmeal.data import close_loaders
 from fastmeal.data import dali as dali_module
 from fastmeal.data import torchvision as tv_module
 from fastmeal.trainer import Trainer, TrainerHook, build_trainer
@@ -61,9 +62,14 @@ class StopAt(TrainerHook):
 
 
 def _run(cfg, *hooks, resume: str = "") -> Trainer:
-    trainer = build_trainer(cfg, hooks=list(hooks))
-    trainer.resume(resume)
-    trainer.fit()
+    """What ``fastmeal train`` does: build, resume, fit, and end the loaders' workers on every exit path
+    (while they live they hold an inherited copy of the run dir's lock)."""
+    try:
+        trainer = build_trainer(cfg, hooks=list(hooks))
+        trainer.resume(resume)
+        trainer.fit()
+    finally:
+        close_loaders()
     return trainer
 
 

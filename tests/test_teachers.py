@@ -465,6 +465,80 @@ def test_graph_cache_copies_into_its_static_input_in_the_teachers_dtype_and_layo
     assert all(s is static for s in seen)  # the eager warm-up and every replay read the same buffer
 
 
+def test_graphs_captured_at_build_time_and_no_capture_later(caplog):
+    """build_teachers captures the per-rank shape before the loaders start; later shapes never capture."""
+    models = [_fresh("resnet10t"), _fresh("resnet152s_small")]
+    reference = [copy.deepcopy(m).double() for m in models]
+    ens = TeacherEnsemble([m.double() for m in models], device="cpu", dtype=torch.float64)
+    log, seen = [], []
+
+    def fake_capture(fn, *, device, pool):
+        log.append("capture")
+        return _FakeGraph(fn, log)
+
+    ens._graphs = ens._make_graph_cache(capture=fake_capture)
+    original = ens._graphs._forward_into
+    ens._graphs._forward_into = lambda x, out: seen.append(x.abs().max().item()) or original(x, out)
+    ens.capture_graphs([(4, 3, SIZE, SIZE)])
+    assert log == ["capture"] and ens.report["cuda_graph"]["captured_shapes"] == [[4, 3, SIZE, SIZE]]
+    assert seen and max(seen) == 0  # the capture ran on a dummy (zero) batch, not on data
+    x = torch.randn(4, 3, SIZE, SIZE)
+    out = ens(x)
+    assert log == ["capture", "replay"]
+    assert _rel_err(out, _eager_reference(reference, x.double())) < 1e-12
+    partial = torch.randn(3, 3, SIZE, SIZE)  # still padded into the captured graph
+    assert _rel_err(ens(partial), _eager_reference(reference, partial.double())) < 1e-12
+    larger = torch.randn(6, 3, SIZE, SIZE)  # no graph covers it: eager, one warning, no capture
+    with caplog.at_level("WARNING", logger="fastmeal.models.teachers"):
+        first, again = ens(larger).clone(), ens(larger)
+    assert log.count("capture") == 1 and ens._graphs.num_eager_calls == 2
+    assert _rel_err(first, _eager_reference(reference, larger.double())) < 1e-12 and torch.equal(first, again)
+    assert caplog.text.count("runs eagerly") == 1
+
+
+def test_build_teachers_captures_the_given_batch_sizes(monkeypatch):
+    from fastmeal.config import build_config
+    from fastmeal.models.factory import build_teachers
+
+    calls = []
+    monkeypatch.setattr(TeacherEnsemble, "capture_graphs", lambda self, shapes: calls.append(shapes))
+    cfg = build_config("demo", overrides={"model.teachers": "test_resnet", "data.image_size": 24})
+    build_teachers(cfg, torch.device("cpu"), models=[_fresh("resnet10t")], batch_sizes=[8, 2])
+    assert calls == [[(8, 3, 24, 24), (2, 3, 24, 24)]]
+
+
+class _WideLogits(nn.Module):
+    """Features an image's mean colour, exact in bf16, and a head that maps them to logits of 16-32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_classes = NUM_CLASSES
+        self.fc = nn.Linear(3, NUM_CLASSES)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.linspace(0.31, 0.67, 3 * NUM_CLASSES).reshape(NUM_CLASSES, 3))
+            self.fc.bias.copy_(torch.linspace(16.3, 22.1, NUM_CLASSES))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.mean((2, 3)))
+
+
+def test_half_precision_teachers_keep_the_head_and_logits_in_fp32():
+    """bf16 rounds logits of 16-32 to multiples of 0.125; the fp32 head keeps them exact."""
+    x = torch.full((2, 3, 4, 4), 2.0)
+    x[1] = 3.0  # mean colours 2 and 3: exact in bf16, so the only rounding left would be the head's
+    reference = _WideLogits()(x)
+    assert 16 <= reference.min() and reference.max() <= 32
+    ens = TeacherEnsemble([_WideLogits(), _fresh("resnet10t")], device="cpu", dtype=torch.bfloat16, fold_bn=False)
+    assert [t["fp32_head"] for t in ens.report["teachers"]] == ["fc", "fc"] and ens.logits_dtype == torch.float32
+    assert ens.models[0].fc.head.weight.dtype == torch.float32 and ens.models[1].conv1[0].weight.dtype == torch.bfloat16
+    out = ens(x.bfloat16())
+    assert out.dtype == torch.float32 and out.shape == (2, 2, NUM_CLASSES)
+    assert (out[0] - reference).abs().max() < 1e-4
+    assert (reference.bfloat16().float() - reference).abs().max() > 0.03  # what a bf16 head would have lost
+    fp32 = TeacherEnsemble([_WideLogits()], device="cpu", dtype=torch.float32)  # fp32 engines are left as they are
+    assert fp32.report["teachers"][0]["fp32_head"] is None and isinstance(fp32.models[0].fc, nn.Linear)
+
+
 def test_bad_arguments_fail_with_clear_messages():
     with pytest.raises(ValueError, match="at least one teacher"):
         TeacherEnsemble([], device="cpu")
@@ -563,4 +637,4 @@ def test_gpu_compile_with_graphs_equals_eager_and_bf16_runs():
     assert _rel_err(compiled(x2), eager(x2)) < 5e-3
     bf16 = TeacherEnsemble([_fresh("resnet10t")], device="cuda", dtype=torch.bfloat16, cuda_graph=True)
     out = bf16(x.bfloat16())
-    assert out.dtype == torch.bfloat16 and _rel_err(out.float(), eager(x).float()) < 5e-2
+    assert out.dtype == torch.float32 and _rel_err(out, eager(x).float()) < 5e-2  # the head runs in fp32

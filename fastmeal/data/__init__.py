@@ -15,8 +15,10 @@ epoch at any step (``set_epoch(epoch, start_step)``) and says which images each 
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import logging
+import sys
 from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
@@ -29,6 +31,7 @@ from fastmeal.data.index import DatasetIndex, build_index
 from fastmeal.distributed import per_rank_batch, resolve_device
 
 __all__ = ["CorruptImageError", "DataError", "DatasetIndex", "Loader", "build_index", "build_loader", "choose_backend",
+           "close_loaders",
            "dali_available", "images_dtype"]
 
 log = logging.getLogger(__name__)
@@ -63,6 +66,31 @@ class Loader(Protocol):
     def __len__(self) -> int: ...
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+_announced: set[str] = set()
+
+
+def close_loaders() -> None:
+    """End the worker processes of every loader of this process (``fastmeal`` calls it on every exit path).
+
+    Also registered with ``atexit`` ahead of multiprocessing's own exit handler, which would otherwise
+    ``terminate()`` and then ``join()`` the workers forever: they ignore SIGTERM, on purpose (preemption).
+    """
+    module = sys.modules.get("fastmeal.data.torchvision")
+    if module is None:
+        return
+    for iterator in list(module.LIVE_ITERATORS):
+        module.close_iterator(iterator)
+
+
+def _register_exit_handler() -> None:
+    import multiprocessing.util  # noqa: F401 - registers multiprocessing's atexit handler first; ours runs before it
+
+    atexit.register(close_loaders)
+
+
+_register_exit_handler()
 
 
 def dali_available() -> bool:
@@ -110,7 +138,8 @@ def build_loader(cfg: Config, split: str, *, rank: int = 0, world_size: int = 1,
     global_batch = cfg.data.batch_size if split == "train" else cfg.data.resolved_eval_batch_size
     batch_size = per_rank_batch(global_batch, world_size)
     backend = choose_backend(cfg.data.backend)
-    if cfg.data.backend == "auto" and rank == 0:
+    if cfg.data.backend == "auto" and rank == 0 and backend not in _announced:
+        _announced.add(backend)  # once per process, not once per split
         log.info("data.backend=auto chose %s%s", backend,
                  "" if backend == "dali" else f" (DALI is not installed: `{DALI_INSTALL}` for the fast loader)")
     scanned = scan_split(cfg.data.root, split)

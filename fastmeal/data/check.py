@@ -19,6 +19,8 @@ from pathlib import Path
 from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm import tqdm
 
+from fastmeal.console import progress_enabled
+
 SPLITS = ("train", "val")
 # torchvision's ImageFolder IMG_EXTENSIONS: files with other extensions are silently skipped by it.
 IMAGE_FORMATS = {
@@ -42,8 +44,9 @@ PROBLEM_KINDS = (
     "zero_byte",
     "truncated",
     "unreadable",
-    "format_mismatch",
 )
+# Findings that are not problems: fastmeal's loaders handle them (reported, exit status unaffected).
+NOTE_KINDS = ("format_mismatch",)
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class DatasetReport:
         root: the dataset root as given.
         counts: ``{split: {class: number of image files}}``; classes in sorted (class-index) order.
         problems: every problem, sorted by path.
+        notes: findings the loaders cope with (a PNG named ``.JPEG``), sorted by path; not problems.
         modes: Pillow image modes of the decodable files (``RGB``, ``L``, ``CMYK``, ...); informative only.
         formats: decoded file formats (``JPEG``, ``PNG``, ...); informative only.
         num_progressive: progressive JPEGs; informative only.
@@ -77,6 +81,7 @@ class DatasetReport:
     root: str
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
+    notes: list[Problem] = field(default_factory=list)
     modes: dict[str, int] = field(default_factory=dict)
     formats: dict[str, int] = field(default_factory=dict)
     num_progressive: int = 0
@@ -196,7 +201,7 @@ def check_dataset(root: str | Path, *, progress: bool = True, num_workers: int =
     paths = [path for _, path in files]
     modes: Counter[str] = Counter()
     formats: Counter[str] = Counter()
-    with tqdm(total=len(paths), desc="check", unit="img", disable=not progress) as bar:
+    with tqdm(total=len(paths), desc="check", unit="img", disable=not progress_enabled(progress)) as bar:
         if num_workers <= 1:
             results = (_inspect_file(path) for path in paths)
             pool = None
@@ -209,7 +214,7 @@ def check_dataset(root: str | Path, *, progress: bool = True, num_workers: int =
             for path, (kind, message, fmt, mode, progressive) in zip(paths, results, strict=True):
                 bar.update()
                 if kind is not None:
-                    report.problems.append(Problem(path, kind, message))
+                    (report.notes if kind in NOTE_KINDS else report.problems).append(Problem(path, kind, message))
                 if fmt is not None:
                     formats[fmt] += 1
                     modes[mode] += 1
@@ -220,6 +225,7 @@ def check_dataset(root: str | Path, *, progress: bool = True, num_workers: int =
     report.modes = dict(modes.most_common())
     report.formats = dict(formats.most_common())
     report.problems.sort(key=lambda p: (p.path, p.kind))
+    report.notes.sort(key=lambda p: (p.path, p.kind))
     return report
 
 
@@ -269,6 +275,10 @@ def format_report(report: DatasetReport, *, max_rows: int = 40) -> str:
         )
         if set(report.modes) - {"RGB"}:
             lines.append("  (non-RGB modes such as L and CMYK are fine: every fastmeal loader converts to RGB)")
+    if report.notes:
+        lines.append(f"{len(report.notes)} note{'s' if len(report.notes) != 1 else ''} (not problems):")
+        width = max(len(p.kind) for p in report.notes)
+        lines.extend(f"  {p.kind:<{width}}  {p.path}: {p.message}" for p in report.notes)
     if report.ok:
         lines.append("no problems found")
     else:

@@ -38,6 +38,8 @@ CROP_ASPECT = (3.0 / 4.0, 4.0 / 3.0)
 
 SPLITS = ("train", "val")
 
+log = logging.getLogger(__name__)
+
 
 class DataError(RuntimeError):
     """A dataset that cannot be read as asked: a missing or empty split, a bad folder."""
@@ -174,6 +176,28 @@ def epoch_counts(samples_per_rank: int, batch_size: int, drop_last: bool) -> tup
                             "data.last_batch=drop; lower data.batch_size or use data.last_batch=keep")
         return num_batches, num_batches * batch_size
     return math.ceil(samples_per_rank / batch_size), samples_per_rank
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: what a SLURM/cgroup job was given)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+_clamp_logged: set[tuple[int, int]] = set()
+
+
+def clamp_workers(requested: int) -> int:
+    """``data.workers`` capped at the CPUs this process has (said once, not per loader)."""
+    cpus = available_cpus()
+    if requested <= cpus:
+        return requested
+    if (requested, cpus) not in _clamp_logged:
+        _clamp_logged.add((requested, cpus))
+        log.info("data.workers=%d but this process has %d CPU(s): using %d loader workers", requested, cpus, cpus)
+    return cpus
 
 
 def load_rgb(path: str) -> Image.Image:

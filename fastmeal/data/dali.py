@@ -13,9 +13,12 @@ The graph (:func:`define_graph`) reproduces the reference's augmentation (SPEC, 
 On CUDA the decoder is ``mixed`` (nvJPEG, with ``data.dali_hw_decoder_load`` of the JPEGs sent to the
 A100/H100 hardware decoder) and every later op runs on the GPU; without CUDA the **same graph** is built
 with ``device_id=None`` and CPU operators, so CPU CI exercises the real DALI graph. The output is HWC
-(fp16 or fp32, see :func:`fastmeal.data.common.images_dtype`), which *is* a channels-last NCHW batch:
-the loader hands out ``permute(0, 3, 1, 2)`` of DALI's own buffer, shared through DLPack (DALI's dynamic
-executor gives each batch a fresh buffer that the consumer then owns): no copy at all. Decoding follows
+(fp16 or fp32, see :func:`fastmeal.data.common.images_dtype`), which *is* a channels-last NCHW batch.
+DALI's dynamic executor hands each batch over through DLPack: on the CPU the loader gives out
+``permute(0, 3, 1, 2)`` of DALI's own buffer (no copy); on the GPU one contiguous copy on torch's stream
+moves it into torch-owned memory (see ``DaliLoader._to_torch``: DALI may reuse its buffer before kernels
+queued on torch's stream have read it). ``mixed`` decoding uses the hardware-decoder share
+``data.dali_hw_decoder_load`` and the preallocation hints of NVIDIA's ResNet-50 pipeline. Decoding follows
 PIL (the reference): EXIF orientation is ignored (``adjust_orientation=False``), grayscale and CMYK JPEGs
 and PNGs come out as RGB.
 
@@ -73,10 +76,12 @@ from fastmeal.data.plan import plan_crops
 
 log = logging.getLogger(__name__)
 
-# Scratch memory for nvJPEG, from NVIDIA's DALI ResNet-50 example: big enough for ImageNet's largest
-# JPEGs, so the decoder does not reallocate during the first epoch.
+# Scratch memory for nvJPEG and the hardware decoder, from NVIDIA's DALI ResNet-50 example: big enough for
+# ImageNet's largest JPEGs, so the decoder does not reallocate during the first epoch.
 _DEVICE_MEMORY_PADDING = 211_025_920
 _HOST_MEMORY_PADDING = 140_544_512
+_PREALLOCATE_WIDTH_HINT = 5_980
+_PREALLOCATE_HEIGHT_HINT = 6_430
 # Every DALI pipeline this process built that still exists (its native threads with it). A child
 # forked while they run can deadlock, so the torchvision backend checks this before forking workers.
 # Pipelines, not loaders: a traceback that holds a failed pipeline keeps its threads alive too.
@@ -90,7 +95,8 @@ def decoder_args(decoder_device: str, hw_decoder_load: float) -> dict[str, Any]:
     args: dict[str, Any] = dict(device=decoder_device, output_type=types.RGB, adjust_orientation=False)
     if decoder_device == "mixed":
         args.update(hw_decoder_load=hw_decoder_load, device_memory_padding=_DEVICE_MEMORY_PADDING,
-                    host_memory_padding=_HOST_MEMORY_PADDING)
+                    host_memory_padding=_HOST_MEMORY_PADDING, preallocate_width_hint=_PREALLOCATE_WIDTH_HINT,
+                    preallocate_height_hint=_PREALLOCATE_HEIGHT_HINT)
     return args
 
 
@@ -191,6 +197,8 @@ class DaliLoader(LoaderBase):
         self._queue: deque[_Batch] = deque()  # planned, not yet fed to DALI
         self._inflight: deque[_Batch] = deque()  # fed to DALI, not yet delivered
         self._next_plan = (0, 0)  # (epoch, batch index) of the next batch to plan
+        # DALI batches kept alive until the copy out of them, queued on torch's stream, has run (CUDA).
+        self._held: deque[tuple[torch.cuda.Event, Any]] = deque()
         self.files_fed = 0  # files handed to DALI's reader so far (tests count them)
 
     # -- the Loader protocol -----------------------------------------------------------------
@@ -339,12 +347,20 @@ class DaliLoader(LoaderBase):
         # io.file.read leaves no source info, so the decoder says "sample #k" without a name: the k-th
         # file of an in-flight batch (the oldest first), confirmed by PIL failing on it too.
         match = re.search(r"#(\d+)", message)
-        if match is None:
-            return None
-        k = int(match.group(1))
+        if match is not None:
+            k = int(match.group(1))
+            for batch in self._inflight:
+                if k < len(batch.samples):
+                    index = self.substitutes.get(batch.samples[k], batch.samples[k])
+                    try:
+                        load_rgb(self.paths[index])
+                    except CorruptImageError:
+                        return index
+        # No name and no usable sample number (e.g. a text file named .JPEG: "no identifiable file"): the
+        # first in-flight file that PIL cannot decode either.
         for batch in self._inflight:
-            if k < len(batch.samples):
-                index = self.substitutes.get(batch.samples[k], batch.samples[k])
+            for i in batch.samples:
+                index = self.substitutes.get(i, i)
                 try:
                     load_rgb(self.paths[index])
                 except CorruptImageError:
@@ -352,19 +368,23 @@ class DaliLoader(LoaderBase):
         return None
 
     def _to_torch(self, images: Any) -> torch.Tensor:
-        """DALI's batch as ``[B, 3, S, S]`` channels-last: shared through DLPack, not copied, when it can be.
+        """DALI's batch as ``[B, 3, S, S]`` channels-last, in memory that torch owns on the GPU.
 
-        DALI's default (dynamic) executor allocates each iteration's outputs afresh and lets the consumer
-        own them, so torch can take the buffer as is (what DALI's own PyTorch iterator does); the older
-        executor recycles its buffers, so then the batch is copied out.
+        DALI's default (dynamic) executor hands its output over through DLPack. On the CPU that buffer is
+        shared as is: work on it runs at once, and the tensor keeps it alive. On the GPU, kernels queued on
+        torch's stream (the copy into the teachers' static input, CutMix, a cast) run later than Python
+        drops the tensor, and DALI may by then have given the memory to a later batch on its own stream.
+        So the batch is copied, on torch's current stream (which DLPack made wait for DALI's work), into a
+        torch-owned buffer that torch's allocator keeps safe; the DALI batch is held until that copy has
+        run (an event). The copy is a plain contiguous pass (HWC per sample is channels-last NCHW) and
+        also does the bf16 cast. The older executor recycles its buffers: its batch is copied out by
+        ``feed_ndarray``, which waits for the copy.
         """
-        images = images.as_tensor()
+        batch, images = images, images.as_tensor()
         if getattr(self._pipe, "exec_dynamic", False):  # DALI >= 1.44
             if self.device.type == "cuda":
-                with torch.cuda.device(self.device):  # DLPack orders DALI's stream before torch's current one
-                    out = torch.from_dlpack(images)
-            else:
-                out = torch.from_dlpack(images)
+                return self._copy_on_torch_stream(images, keep=batch)
+            out = torch.from_dlpack(images)
         else:
             from nvidia.dali.plugin.pytorch import feed_ndarray
 
@@ -374,6 +394,23 @@ class DaliLoader(LoaderBase):
                          else None)
         # out is [B, S, S, 3]: HWC per sample is NHWC for the batch, and its NCHW view is channels-last.
         return out.permute(0, 3, 1, 2).to(self.dtype)  # .to: bf16 only (DALI has no bf16), a no-op otherwise
+
+
+    def _copy_on_torch_stream(self, images: Any, *, keep: Any) -> torch.Tensor:
+        """``images`` (DALI's dense GPU tensor) copied into a new channels-last torch tensor on torch's stream;
+        ``images`` and ``keep`` (the tensor list it came from) are held until the copy has run."""
+        while self._held and self._held[0][0].query():  # copies that have run: their DALI batches can go
+            self._held.popleft()
+        with torch.cuda.device(self.device):  # DLPack orders DALI's stream before torch's current one
+            shared = torch.from_dlpack(images)  # [B, S, S, 3]
+            batch, height, width, channels = shared.shape
+            out = torch.empty((batch, channels, height, width), dtype=self.dtype, device=self.device,
+                              memory_format=torch.channels_last)
+            out.copy_(shared.permute(0, 3, 1, 2))
+            done = torch.cuda.Event()
+            done.record()
+        self._held.append((done, (keep, images, shared)))
+        return out
 
 
 def _cuda_index(device: torch.device) -> int:

@@ -33,6 +33,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from fastmeal.console import progress_enabled
+
 FAMILIES = ("stripes", "checker", "dots", "rings", "blobs", "zigzag")
 SPLITS = ("train", "val")
 ODDITY_KINDS = ("grayscale", "cmyk", "progressive", "png_as_jpeg")
@@ -385,7 +387,7 @@ def synthesize(
             odd = {k: kind for (s, cc, k), kind in plan.items() if s == split and cc == c}
             jobs.append((str(out), split, c, num_per_class[split], num_classes, seed, (lo, hi), quality, odd))
     total = sum(job[3] for job in jobs)
-    with tqdm(total=total, desc="synthesize", unit="img", disable=not progress) as bar:
+    with tqdm(total=total, desc="synthesize", unit="img", disable=not progress_enabled(progress)) as bar:
         if num_workers <= 1:
             for job in jobs:
                 bar.update(_write_class(*job))

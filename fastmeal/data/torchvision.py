@@ -21,10 +21,13 @@ there, nothing before it is read); val shards are exact (no padding); workers ar
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
+import weakref
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,15 +46,32 @@ from fastmeal.data.common import (
     DataError,
     LoaderBase,
     Split,
+    clamp_workers,
     epoch_order,
     load_rgb,
     next_decodable,
 )
 from fastmeal.data.index import DatasetIndex
 from fastmeal.data.plan import plan_crops
-from fastmeal.distributed import ignore_preemption_signals
+from fastmeal.distributed import ignore_preemption_signals, worker_signals_blocked
 
 log = logging.getLogger(__name__)
+
+# Every DataLoader iterator with worker processes, for close_loaders() on every exit path. The iterators,
+# not the loaders: after an exception, an iterator can outlive its loader in a cycle with the traceback.
+LIVE_ITERATORS: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def close_iterator(iterator: Any) -> None:
+    """End a DataLoader iterator's worker processes now: the graceful way, then SIGKILL for any left."""
+    workers = list(getattr(iterator, "_workers", ()))
+    with contextlib.suppress(Exception):
+        iterator._shutdown_workers()  # each worker reads its end marker and exits; its pids are unregistered
+    for w in workers:
+        if w.is_alive():
+            w.kill()
+            w.join(timeout=5)
+    LIVE_ITERATORS.discard(iterator)
 
 
 _BILINEAR = transforms.InterpolationMode.BILINEAR
@@ -199,6 +219,24 @@ def _collate(batch: list[tuple[torch.Tensor, int, tuple[str, ...]]]) -> tuple[to
     return images, labels, skipped
 
 
+def _worker_errors_named(loader: DataLoader) -> Iterator:
+    """Iterate ``loader``; a worker's CorruptImageError comes out with its own message, not the worker's traceback."""
+    with worker_signals_blocked():  # workers started here ignore the rank's signals from their first instant
+        iterator = iter(loader)
+    if getattr(iterator, "_workers", None):
+        LIVE_ITERATORS.add(iterator)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except CorruptImageError as err:
+            # torch re-raises a worker's exception with the whole worker traceback as its message.
+            last = str(err).strip().splitlines()[-1]
+            raise CorruptImageError(last.split(": ", 1)[1] if last.startswith("fastmeal.") else last) from None
+        yield batch
+
+
 class TorchvisionLoader(LoaderBase):
     """Batches ``(images [B,3,S,S] channels-last, labels [B] int64)`` on ``device`` (the Loader protocol)."""
 
@@ -208,7 +246,7 @@ class TorchvisionLoader(LoaderBase):
                  device: torch.device, batch_size: int, index: DatasetIndex | None = None):
         super().__init__(cfg, split, split_name, rank=rank, world_size=world_size, device=device,
                          batch_size=batch_size, index=index)
-        workers = cfg.data.workers
+        workers = clamp_workers(cfg.data.workers)
         if self.train:
             dataset: FolderDataset = PlannedDataset(index, seed=cfg.runtime.seed, image_size=cfg.data.image_size,
                                                     substitutes=self.substitutes, skip_corrupt=cfg.data.skip_corrupt)
@@ -239,11 +277,12 @@ class TorchvisionLoader(LoaderBase):
                                   worker_init_fn=ignore_preemption_signals,
                                   prefetch_factor=cfg.data.prefetch if workers else None)
 
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, start = self._begin_pass()
         if self._batches is not None:
             self._batches.epoch, self._batches.start_step = epoch, start
-        for images, labels, skipped in self._loader:
+        for images, labels, skipped in _worker_errors_named(self._loader):
             for path in skipped:
                 if path not in self._skipped:
                     self._skipped.add(path)

@@ -31,6 +31,7 @@ from torch import nn
 
 from fastmeal.config import Config
 from fastmeal.data.common import images_dtype
+from fastmeal.distributed import configure_device
 from fastmeal.models.discriminator import Discriminator
 
 if TYPE_CHECKING:
@@ -115,7 +116,15 @@ def read_weights_file(path: str | os.PathLike, *, what: str = "weights") -> dict
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{what}: weights file {path} does not exist")
-    if path.suffix == ".safetensors":
+    kind = _sniff_weights(path)
+    if kind == "empty":
+        raise WeightsError(f"{what}: {path} is empty (0 bytes): an interrupted download or copy? Fetch it again")
+    if kind == "unknown":
+        head = path.read_bytes()[:8]
+        raise WeightsError(f"{what}: {path} ({path.stat().st_size} bytes, starting {head!r}) is neither a PyTorch "
+                           "file (.pth/.pt/.bin: a zip archive or a pickle) nor a .safetensors file: truncated, or "
+                           "not a weights file?")
+    if kind == "safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -128,13 +137,32 @@ def read_weights_file(path: str | os.PathLike, *, what: str = "weights") -> dict
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
             # weights_only=True refuses arbitrary pickled objects; we never fall back to unsafe loading.
+            first = str(err).splitlines()[0] if str(err) else ""
+            if "weights_only" not in str(err) and "Unsupported global" not in str(err):
+                raise WeightsError(f"{what}: cannot read {path} ({first}): damaged or truncated?") from err
             raise WeightsError(f"{what}: {path} holds pickled Python objects that torch.load(weights_only=True) "
-                               f"refuses ({str(err).splitlines()[0]}). If you trust it, re-save its state_dict "
+                               f"refuses ({first}). If you trust it, re-save its state_dict "
                                "with torch.save(model.state_dict(), FILE) or as .safetensors") from err
-        except (RuntimeError, EOFError, OSError, ValueError) as err:
-            raise WeightsError(f"{what}: cannot read {path} ({type(err).__name__}: {str(err).splitlines()[0]}); "
-                               "is it truncated or not a PyTorch file?") from err
+        except Exception as err:  # a damaged zip fails in many ways (RuntimeError, EOFError, KeyError, ...)
+            first = str(err).splitlines()[0] if str(err) else ""
+            raise WeightsError(f"{what}: cannot read {path} ({type(err).__name__}: {first}); is it truncated or not "
+                               "a PyTorch file?") from err
     return clean_state_dict(obj, source=f"{what} ({path})")
+
+
+def _sniff_weights(path: Path) -> str:
+    """What a weights file holds, by content (not by name): ``torch``, ``safetensors``, ``empty`` or ``unknown``."""
+    with path.open("rb") as f:
+        head = f.read(16)
+    if not head:
+        return "empty"
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save's zip archive, or a legacy pickle
+        return "torch"
+    if len(head) >= 9 and head[8:9] == b"{":  # safetensors: an 8-byte header length, then its JSON header
+        header_len = int.from_bytes(head[:8], "little")
+        if 0 < header_len < path.stat().st_size:
+            return "safetensors"
+    return "unknown"
 
 
 def _classifier_name(model: nn.Module) -> str:
@@ -344,7 +372,8 @@ def build_teacher_models(cfg: Config) -> list[nn.Module]:
     return models
 
 
-def build_teachers(cfg: Config, device: torch.device, *, models: Sequence[nn.Module] | None = None) -> TeacherEnsemble:
+def build_teachers(cfg: Config, device: torch.device, *, models: Sequence[nn.Module] | None = None,
+                   batch_sizes: Sequence[int] = ()) -> TeacherEnsemble:
     """The frozen teacher ensemble on ``device``; calling it on ``[B, 3, S, S]`` gives ``[K, B, C]`` logits.
 
     Args:
@@ -353,6 +382,9 @@ def build_teachers(cfg: Config, device: torch.device, *, models: Sequence[nn.Mod
         models: the K teacher modules, one per ``model.teachers`` entry, instead of building them with their
             weights (:func:`build_teacher_models`): the benchmarks pass random-weight models (speed does not
             depend on the weights). They are taken over and changed in place, as :class:`TeacherEnsemble` does.
+        batch_sizes: per-rank batch sizes whose CUDA graphs (``[B, 3, S, S]`` at ``data.image_size``) are
+            captured now, before any loader runs; no later capture happens then (see
+            :meth:`TeacherEnsemble.capture_graphs`). Empty: graphs are captured on first use.
 
     Raises:
         ValueError: ``models`` given with another count than ``model.teachers``.
@@ -366,10 +398,15 @@ def build_teachers(cfg: Config, device: torch.device, *, models: Sequence[nn.Mod
                          "model.teachers entries")
     channels_last = [t.channels_last and cfg.precision.channels_last for t in cfg.model.teachers]
     engine = cfg.teacher_engine
+    configure_device(cfg.runtime.cudnn_benchmark, device)  # before the graphs' warm-up, where cuDNN autotunes
     # The teachers run in the dtype the loader delivers (fp32 on the CPU and in precision.mode=fp32).
-    return TeacherEnsemble(models, device=device, dtype=images_dtype(cfg, device), channels_last=channels_last,
-                           fold_bn=engine.fold_bn, cuda_graph=engine.cuda_graph and device.type == "cuda",
-                           compile=engine.compile)
+    ensemble = TeacherEnsemble(models, device=device, dtype=images_dtype(cfg, device), channels_last=channels_last,
+                               fold_bn=engine.fold_bn, cuda_graph=engine.cuda_graph and device.type == "cuda",
+                               compile=engine.compile)
+    size = cfg.data.image_size
+    if batch_sizes:
+        ensemble.capture_graphs([(b, 3, size, size) for b in batch_sizes])
+    return ensemble
 
 
 def build_discriminator(cfg: Config) -> Discriminator | None:

@@ -21,8 +21,12 @@ reference's eager FP32 NCHW teachers, up to rounding.
 * **Layout and precision.** The whole teacher is cast to the engine dtype (FP16 on CUDA by default,
   BF16 by option, FP32 on the CPU — the caller decides) after folding, so folded weights are
   rounded once. Channels-last is chosen per teacher (SENet154 sometimes runs faster in NCHW).
+* **fp32 classifier.** In fp16/bf16 each teacher's classifier (its final Linear) runs in fp32 on the
+  pooled features and the logits stay fp32: bf16 would round logits of 16–32 to multiples of 0.125.
 * **CUDA graphs** (:class:`GraphCache`): one graph per input shape, captured after warm-up on a side
-  stream, with a static input buffer and a static output ``[K, B, C]``. Copying the batch into the
+  stream, with a static input buffer and a static output ``[K, B, C]``. ``fastmeal train`` captures the
+  per-rank batch shape when the ensemble is built, before any loader thread runs; a shape that no
+  graph covers later runs eagerly rather than being captured mid-training. Copying the batch into the
   static buffer is the only copy between loader and teachers (``copy_`` also converts dtype and
   layout when the loader did not). A partial last batch is **padded**: it is copied into the first
   rows of the smallest captured graph with a larger batch and the graph replays as usual; the rows
@@ -36,6 +40,7 @@ reference's eager FP32 NCHW teachers, up to rounding.
 from __future__ import annotations
 
 import collections
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -53,6 +58,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 # (timm's ``StdConv2d``) transform ``W`` in forward and must not be folded into.
 _FOLDABLE_CONV_FORWARDS = (nn.Conv2d.forward, Conv2dSame.forward)
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,6 +311,9 @@ class GraphCache:
         self._partial_out: dict[tuple[int, ...], Tensor] = {}
         self._pool: Any = None
         self.num_padded_calls = 0
+        self.num_eager_calls = 0
+        self._eager_out: dict[tuple[int, ...], Tensor] = {}
+        self.sealed = False  # set by capture(): no capture after that (the loaders' threads may be running)
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:
@@ -318,7 +329,12 @@ class GraphCache:
         entry = self._graphs.get(tuple(images.shape))
         if entry is None:
             larger = [e for key, e in self._graphs.items() if key[1:] == tail and key[0] > batch]
-            entry = min(larger, key=lambda e: e.batch) if larger else self._capture(images)
+            if larger:
+                entry = min(larger, key=lambda e: e.batch)
+            elif self.sealed:
+                return self._eager(images)
+            else:
+                entry = self._capture(images)
         # The one copy between the loader and the teachers; converts dtype/layout in the same pass.
         entry.static_in[:batch].copy_(images)
         entry.graph.replay()
@@ -333,6 +349,30 @@ class GraphCache:
         # A contiguous [K, b, C] for the loss kernel, not the strided view of the first b rows.
         out.copy_(entry.static_out[:, :batch])
         return out
+
+    def capture(self, shapes: Sequence[tuple[int, ...]]) -> None:
+        """Capture one graph per input shape now, on zero batches, and capture no other shape later.
+
+        For the start of a run, before any loader runs: a capture while DALI's or the pin-memory threads
+        use CUDA can be invalidated by their ``cudaFree`` or synchronisation even in ``thread_local`` mode.
+        After this, a batch that no graph covers (larger than every captured one, or another image size)
+        runs eagerly, with one warning per shape, instead of capturing in the middle of training.
+        """
+        for shape in shapes:
+            shape = tuple(int(n) for n in shape)
+            if shape not in self._graphs:
+                self._capture(torch.zeros(shape, dtype=self._dtype, device=self._device))
+        self.sealed = True
+
+    def _eager(self, images: Tensor) -> Tensor:
+        key = tuple(images.shape)
+        if key not in self._eager_out:
+            log.warning("teacher batch shape %s has no CUDA graph (captured at start: %s); it runs eagerly", key,
+                        self.shapes)
+        self.num_eager_calls += 1
+        x = images.to(dtype=self._dtype, memory_format=self._memory_format)
+        self._eager_out[key] = self._forward_into(x, self._eager_out.get(key))
+        return self._eager_out[key]
 
     def _capture(self, images: Tensor) -> _Captured:
         static_in = torch.empty(images.shape, dtype=self._dtype, device=self._device,
@@ -353,6 +393,52 @@ class GraphCache:
 # --------------------------------------------------------------------------------------------
 
 
+class Float32Head(nn.Module):
+    """A teacher's classifier kept in fp32 inside a half-precision teacher: fp32 input, fp32 weights, fp32 logits.
+
+    bf16 has 8 bits of mantissa: logits of magnitude 16–32 round to multiples of 0.125, which moves the
+    softmax targets by up to ~10%; fp16 rounds them to 1/64. The classifier is one matmul per image
+    (2048 × 1000 for ResNets), so computing it in fp32 costs nothing measurable and the soft targets keep
+    fp32 precision given the pooled features.
+    """
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head.float()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(x.float())
+
+
+def _find_head(model: nn.Module) -> str | None:
+    """The module name of a teacher's classifier (timm's ``get_classifier()``), or None when it is not a Linear."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, nn.Linear):
+        # Not a timm model: the last Linear that outputs the model's classes.
+        classes = getattr(model, "num_classes", None)
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == classes]
+        head = linears[-1] if linears else None
+    if head is None:
+        return None
+    return next((name for name, m in model.named_modules() if m is head and name), None)
+
+
+def cast_keeping_head_fp32(model: nn.Module, dtype: torch.dtype, memory_format: torch.memory_format) -> str | None:
+    """Cast ``model`` to ``dtype`` and ``memory_format`` in place, its classifier left fp32 in a :class:`Float32Head`.
+
+    The head is taken out before the cast, so its weights are never rounded. Returns the head's module
+    name, or None when no Linear classifier was found (then everything is cast).
+    """
+    name = _find_head(model)
+    head = model.get_submodule(name) if name is not None else None
+    if head is not None:
+        _set_submodule(model, name, nn.Identity())
+    model.to(dtype=dtype, memory_format=memory_format)
+    if head is not None:
+        _set_submodule(model, name, Float32Head(head))
+    return name
+
+
 def _teacher_name(model: nn.Module, index: int) -> str:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     arch, tag = cfg.get("architecture"), cfg.get("tag")
@@ -370,8 +456,8 @@ class TeacherEnsemble:
     Args:
         models: the K teachers, in the order of the output's first dimension.
         device: where they run.
-        dtype: their parameter and activation dtype (fp16 on CUDA, bf16 by option, fp32 on the CPU);
-            also the dtype of the returned logits.
+        dtype: their parameter and activation dtype (fp16 on CUDA, bf16 by option, fp32 on the CPU). In
+            fp16/bf16 each teacher's classifier stays fp32 and the logits are fp32 (:class:`Float32Head`).
         channels_last: one flag for all teachers or one per teacher.
         fold_bn: fold eval-mode BatchNorms into the preceding convolutions (:func:`fold_batchnorm`).
         cuda_graph: replay one CUDA graph per input shape (:class:`GraphCache`); needs CUDA.
@@ -410,6 +496,7 @@ class TeacherEnsemble:
         self._models = tuple(models)
         self._formats = tuple(torch.channels_last if f else torch.contiguous_format for f in flags)
         self._folds: list[FoldReport | None] = []
+        self._fp32_heads: list[str | None] = []
         for model, fmt in zip(models, self._formats, strict=True):
             model.eval()
             model.requires_grad_(False)
@@ -417,7 +504,13 @@ class TeacherEnsemble:
             # parameters) and before the cast, so that folded weights are rounded to fp16/bf16 once.
             model.to(device=self.device)
             self._folds.append(fold_batchnorm(model) if fold_bn else None)
-            model.to(dtype=dtype, memory_format=fmt)
+            if dtype in _HALF_DTYPES:
+                self._fp32_heads.append(cast_keeping_head_fp32(model, dtype, fmt))
+            else:
+                model.to(dtype=dtype, memory_format=fmt)
+                self._fp32_heads.append(None)
+        # The logits' dtype: fp32 when every half-precision teacher kept its head in fp32.
+        self.logits_dtype = torch.float32 if dtype in _HALF_DTYPES and all(self._fp32_heads) else dtype
         self._runners: tuple[Callable[[Tensor], Tensor], ...] = tuple(
             torch.compile(m, dynamic=False) if compile else m for m in models)
         # The batch layout the loader should produce: channels-last if any teacher reads it (the
@@ -455,10 +548,11 @@ class TeacherEnsemble:
     def report(self) -> dict[str, Any]:
         """A JSON-able summary for the run log: folding per teacher, layout, dtype, graph status."""
         teachers = []
-        for name, fold, fmt in zip(self.names, self._folds, self._formats, strict=True):
+        for name, fold, fmt, head in zip(self.names, self._folds, self._formats, self._fp32_heads, strict=True):
             teachers.append({
                 "name": name,
                 "channels_last": fmt == torch.channels_last,
+                "fp32_head": head,
                 "bn_folded": fold.num_folded if fold else 0,
                 "bn_left": fold.num_left if fold else None,
                 "bn_left_reasons": dict(fold.left) if fold else {},
@@ -468,6 +562,7 @@ class TeacherEnsemble:
             "num_classes": self._num_classes,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "logits_dtype": str(self.logits_dtype).removeprefix("torch."),
             "input_memory_format": "channels_last" if self.input_memory_format == torch.channels_last else "nchw",
             "fold_bn": self.fold_bn,
             "compile": self.compile,
@@ -514,7 +609,8 @@ class TeacherEnsemble:
                 into the static buffer).
 
         Returns:
-            ``[K, B, C]`` logits in the teachers' dtype, ``out[k]`` from ``models[k]``, contiguous,
+            ``[K, B, C]`` logits in :attr:`logits_dtype` (fp32 for fp16/bf16 teachers, whose classifiers
+            run in fp32: :class:`Float32Head`), ``out[k]`` from ``models[k]``, contiguous,
             with ``requires_grad=False``. The tensor is a preallocated buffer that the next call with
             the same batch size overwrites: use it (or clone it) before calling again.
         """
@@ -544,18 +640,28 @@ class TeacherEnsemble:
             if y.dim() != 2 or y.shape[0] != images.shape[0]:
                 raise ValueError(f"teacher {k} ({self.names[k]}) returned shape {tuple(y.shape)}; "
                                  f"expected [B, C] logits with B={images.shape[0]}")
-            logits.append(y)
+            logits.append(y.to(self.logits_dtype))
         num_classes = {y.shape[1] for y in logits}
         if len(num_classes) != 1 or (self._num_classes is not None and num_classes != {self._num_classes}):
             shapes = ", ".join(f"{n}: {tuple(y.shape)}" for n, y in zip(self.names, logits, strict=True))
             raise ValueError(f"teachers disagree on the number of classes ({shapes})")
         self._num_classes = logits[0].shape[1]
         if out is None:
-            out = torch.empty((self.num_teachers, *logits[0].shape), dtype=self.dtype, device=self.device)
+            out = torch.empty((self.num_teachers, *logits[0].shape), dtype=self.logits_dtype, device=self.device)
             if self._graphs is None:
                 self._outputs[images.shape[0]] = out
         torch.stack(logits, out=out)
         return out
+
+    def capture_graphs(self, shapes: Sequence[tuple[int, ...]]) -> None:
+        """Capture the CUDA graphs of these input shapes now and none later (:meth:`GraphCache.capture`).
+
+        Call it before the loaders start (``build_teachers`` does, with the per-rank batch); without
+        CUDA graphs it does nothing.
+        """
+        if self._graphs is not None:
+            with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+                self._graphs.capture(shapes)
 
     def _declared_num_classes(self) -> int | None:
         declared = [getattr(m, "num_classes", None) for m in self._models]

@@ -1,0 +1,89 @@
+"""Training from a bank: the train loader's crops, each with the record the builder stored for it.
+
+:class:`BankLoader` wraps the run's train loader (the Loader protocol) and adds to every batch the
+records of its images: step ``k`` of epoch ``e`` on a rank holds dataset images
+``epoch_indices(e)[k·B:(k+1)·B]``, whose crops are the crop plan's for ``(seed, e, i)`` — the crops
+the teachers saw when the bank was built. Batches are ``(images, labels, (probs [B, K] fp16,
+classes [B, K] int16))`` on the training device.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from fastmeal.bank import store
+from fastmeal.bank.build import check_bank_config, run_identity
+from fastmeal.config import Config
+
+log = logging.getLogger("fastmeal.bank")
+
+
+class BankLoader:
+    """A train loader whose batches carry their bank records; everything else is the wrapped loader's."""
+
+    def __init__(self, loader: Any, reader: store.BankReader, device: torch.device) -> None:
+        self.loader = loader
+        self.reader = reader
+        self.device = device
+        self._epoch = 0
+        self._start_step = 0
+
+    def __getattr__(self, name: str) -> Any:  # backend, classes, num_classes, dataset_size, index, ...
+        if name in ("loader", "reader", "device"):
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """The next pass is epoch ``epoch`` from step ``start_step`` (its records follow the same steps)."""
+        self._epoch, self._start_step = epoch, start_step
+        if start_step:
+            self.loader.set_epoch(epoch, start_step=start_step)
+        else:
+            self.loader.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
+        epoch, step = self._epoch, self._start_step
+        self._epoch, self._start_step = epoch + 1, 0  # like the loaders: a pass without set_epoch is the next epoch
+        indices = np.asarray(self.loader.epoch_indices(epoch), dtype=np.int64)
+        batch = self.loader.batch_size
+        self.reader.load_epoch(epoch)
+        for images, labels in self.loader:
+            idx = indices[step * batch:(step + 1) * batch]
+            if len(idx) != images.shape[0]:
+                raise RuntimeError(f"epoch {epoch} step {step}: the loader gave {images.shape[0]} images for "
+                                   f"{len(idx)} planned indices (loader and epoch_indices disagree)")
+            probs, classes = self.reader.records(epoch, idx)
+            pin = self.device.type == "cuda"
+            records = tuple(torch.from_numpy(a).pin_memory().to(self.device, non_blocking=True) if pin
+                            else torch.from_numpy(a) for a in (probs, classes))
+            yield images, labels, records
+            step += 1
+
+
+def open_bank(cfg: Config, loader: Any) -> store.BankReader:
+    """The bank ``bank.path`` checked against the run: dataset, seed, image size, plan, teachers, epochs.
+
+    Raises:
+        BankError: naming every field that differs, or the missing epochs, or the damaged file.
+    """
+    check_bank_config(cfg)
+    reader = store.BankReader(cfg.bank.path, expect=run_identity(cfg, loader.index),
+                              epochs=range(cfg.schedule.epochs))
+    have = [t["tag"] for t in reader.manifest["teachers"]]
+    want = [t.tag for t in cfg.model.teachers]
+    if have != want:
+        raise store.BankError(f"the bank {cfg.bank.path} was built from teachers {have} but model.teachers names {want}"
+                              "; build a bank for these teachers or set model.teachers to the bank's")
+    log.info("bank %s: epochs %s, top-%d, teachers %s (captured mass %.4f, KL %.5f)", cfg.bank.path,
+             store.format_ranges(reader.epochs), reader.top_k, ", ".join(have),
+             reader.manifest.get("summary", {}).get("captured_mass", float("nan")),
+             reader.manifest.get("summary", {}).get("kl", float("nan")))
+    return reader

@@ -1,0 +1,319 @@
+"""The soft-label bank end to end on JPEGs: build, replay, resume, refusals, DDP, the command line.
+
+A bank is built from two random test_resnet teachers over a tiny synthetic JPEG set (18 train
+images, 32 px); everything runs on the CPU with the torchvision backend (and DALI's CPU mode where the
+crops are compared across backends).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gloo_world import run_world
+from tiny import DISK_CLASSES, cli_worker, jpeg_dataset, teacher_files
+
+from fastmeal.bank import BankError, store
+from fastmeal.bank.build import build_bank, round_down_half, soft_label_records
+from fastmeal.bank.replay import BankLoader, open_bank
+from fastmeal.config import ConfigError, build_config
+from fastmeal.data import build_loader, dali_available
+from fastmeal.distributed import DistInfo
+from fastmeal.models.factory import build_teachers
+from fastmeal.trainer import TrainerHook, build_trainer
+
+CPU = torch.device("cpu")
+EPOCHS = 2
+# One 8-bit level of a pixel after normalisation: 1/255 over the smallest ImageNet std (0.225).
+ONE_LEVEL = 1 / 255 / 0.225 + 1e-6
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bankdata")
+    return jpeg_dataset(root / "data", train_per_class=6, val_per_class=2), teacher_files(root / "teachers")
+
+
+def _overrides(files, run_dir, **extra):
+    data, teachers = files
+    settings = {
+        "data.root": str(data), "data.image_size": 32, "data.batch_size": 4, "data.workers": 0,
+        "data.backend": "torchvision", "model.student": "test_resnet", "model.pretrained": "false",
+        "model.num_classes": DISK_CLASSES, "model.teachers": ",".join(f"test_resnet@{p}" for p in teachers),
+        "teacher_engine.fold_bn": "false", "precision.mode": "fp32", "precision.channels_last": "false",
+        "loss.impl": "torch", "runtime.device": "cpu", "runtime.run_dir": str(run_dir), "logging.interval": 1,
+        "logging.progress_bar": "false", "schedule.lr_steps": "", "schedule.epochs": EPOCHS, "runtime.seed": 5,
+        "bank.chunk_records": 8, "bank.top_k": 2,  # 3 classes: K=2 leaves a remainder to spread
+    }
+    settings.update({k: str(v) for k, v in extra.items()})
+    return settings
+
+
+def _cfg(files, run_dir, **extra):
+    return build_config("demo", overrides=_overrides(files, run_dir, **extra))
+
+
+class SpyTeachers:
+    """The real ensemble, remembering the image of every call (in call order) and counting calls."""
+
+    def __init__(self, cfg, fail_after: int | None = None):
+        self.ensemble = build_teachers(cfg, CPU)
+        self.images: list[torch.Tensor] = []
+        self.fail_after = fail_after
+
+    def __call__(self, images):
+        if self.fail_after is not None and len(self.images) >= self.fail_after:
+            raise KeyboardInterrupt("killed")  # what a SIGINT/SIGKILL'd build leaves behind
+        self.images.append(images.clone())
+        return self.ensemble(images)
+
+
+def _build(cfg, out, teachers=None, **kwargs):
+    loader = build_loader(cfg, "train", device=CPU) if teachers is not None else None
+    info = [{"tag": t.tag, "weights": t.weights, "sha256": "test"} for t in cfg.model.teachers]
+    return build_bank(cfg, out, dist=DistInfo(), progress=False, top_k=cfg.bank.top_k,
+                      chunk_records=cfg.bank.chunk_records, loader=loader, teachers=teachers,
+                      teacher_info=info if teachers is not None else None, **kwargs)
+
+
+def test_replayed_crops_are_the_builders_and_records_the_ensembles_top_k(files, tmp_path):
+    cfg = _cfg(files, tmp_path / "run")
+    spy = SpyTeachers(cfg)
+    summary = _build(cfg, tmp_path / "bank", spy)
+    assert summary["epochs"] == [0, 1] and summary["samples"] == 2 * 18
+    # KL(p ‖ decoded) >= 0 up to the fp16 rounding of the stored probabilities.
+    assert 0 < summary["captured_mass"] <= 1 and summary["kl"] > -1e-4
+
+    # What the builder gave the teachers, by (epoch, dataset index): its passes follow epoch_indices.
+    build_loader_ = build_loader(cfg, "train", device=CPU)
+    seen, calls = {}, iter(spy.images)
+    for epoch in range(EPOCHS):
+        order = build_loader_.epoch_indices(epoch)
+        batches = [next(calls) for _ in range(-(-len(order) // 4))]
+        for i, image in zip(order, torch.cat(batches), strict=True):
+            seen[(epoch, int(i))] = image
+
+    # A training run with another batch size replays the same crops with their records.
+    train_cfg = _cfg(files, tmp_path / "run", **{"data.batch_size": 6, "bank.path": tmp_path / "bank"})
+    loader = build_loader(train_cfg, "train", device=CPU)
+    bank_loader = BankLoader(loader, open_bank(train_cfg, loader), CPU)
+    ensemble = build_teachers(train_cfg, CPU)
+    for epoch in range(EPOCHS):
+        bank_loader.set_epoch(epoch)
+        order = loader.epoch_indices(epoch)
+        count = 0
+        for step, (images, labels, (probs, classes)) in enumerate(bank_loader):
+            idx = order[step * 6:(step + 1) * 6]
+            for image, i in zip(images, idx, strict=True):
+                assert torch.equal(image, seen[(epoch, int(i))]), f"epoch {epoch} image {i}: another crop"
+            want_probs, want_classes, _, _ = soft_label_records(ensemble(images), 2)
+            assert torch.equal(classes, want_classes)
+            torch.testing.assert_close(probs, want_probs, rtol=1e-3, atol=1e-4)  # fp16 of ~equal fp32 values
+            assert probs.dtype == torch.float16 and classes.dtype == torch.int16 and labels.shape == (len(idx),)
+            count += len(idx)
+        assert count == 18
+
+
+@pytest.mark.skipif(not dali_available(), reason="DALI is not installed")
+def test_dali_replays_the_builders_crops_within_one_level(files, tmp_path):
+    cfg = _cfg(files, tmp_path / "run")
+    spy = SpyTeachers(cfg)
+    _build(cfg, tmp_path / "bank", spy, epochs=range(1))
+    order = build_loader(cfg, "train", device=CPU).epoch_indices(0)
+    seen = {int(i): img for i, img in zip(order, torch.cat(spy.images), strict=True)}
+    dali_cfg = _cfg(files, tmp_path / "run", **{"data.backend": "dali", "schedule.epochs": 1,
+                                                "bank.path": tmp_path / "bank"})
+    loader = build_loader(dali_cfg, "train", device=CPU)
+    bank_loader = BankLoader(loader, open_bank(dali_cfg, loader), CPU)
+    bank_loader.set_epoch(0)
+    dali_order = loader.epoch_indices(0)
+    diffs = []
+    for step, (images, _, _) in enumerate(bank_loader):
+        for image, i in zip(images, dali_order[step * 4:(step + 1) * 4], strict=True):
+            diffs.append((image.float() - seen[int(i)]).abs())
+    diffs = torch.stack(diffs)
+    print(f"DALI vs torchvision replayed crops: max {diffs.max() / ONE_LEVEL:.2f} levels, mean "
+          f"{diffs.mean() / ONE_LEVEL:.3f} levels")
+    # Measured on these 36-48 px JPEGs resized to 32 px: max 3 levels, mean well under one (the crop
+    # plan's contract says one level; the resize of tiny sources is where DALI and PIL round apart).
+    # Another crop would differ by tens of levels.
+    assert diffs.max() <= 4 * ONE_LEVEL and diffs.mean() <= 0.5 * ONE_LEVEL
+
+
+def test_a_killed_build_resumes_to_the_same_bytes(files, tmp_path):
+    cfg = _cfg(files, tmp_path / "run")
+    _build(cfg, tmp_path / "straight", SpyTeachers(cfg))
+
+    # Chunks of 2 batches (8 images; epoch 0 is 8 + 8 + 2): killed in its second chunk's second batch.
+    killed = SpyTeachers(cfg, fail_after=3)
+    with pytest.raises(KeyboardInterrupt):
+        _build(cfg, tmp_path / "resumed", killed)
+    assert len(list((tmp_path / "resumed" / "chunks").glob("*.json"))) == 1
+    with pytest.raises(BankError, match=r"lacks epoch\(s\) 0 \(2 of 3 chunks not finished\), 1 \(not built\)"):
+        store.BankReader(tmp_path / "resumed", epochs=range(EPOCHS))
+
+    resumed = SpyTeachers(cfg)
+    _build(cfg, tmp_path / "resumed", resumed)
+    # Only the unfinished work was redone: 10 of epoch 0's 18 images, then all of epoch 1.
+    assert sum(len(b) for b in resumed.images) == 10 + 18
+    for epoch in range(EPOCHS):
+        name = store.epoch_file(Path(), epoch).name
+        assert (tmp_path / "straight" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
+    for path in (tmp_path / "straight" / "chunks").iterdir():
+        assert json.loads(path.read_text()) == json.loads((tmp_path / "resumed" / "chunks" / path.name).read_text())
+
+
+def test_epoch_ranges_built_by_separate_jobs_combine(files, tmp_path):
+    cfg = _cfg(files, tmp_path / "run")
+    first = _build(cfg, tmp_path / "bank", SpyTeachers(cfg), epochs=range(1, 2))
+    assert first["epochs"] == [1]
+    with pytest.raises(BankError, match=r"lacks epoch\(s\) 0"):
+        open_bank(cfg.replace({"bank.path": str(tmp_path / "bank")}), build_loader(cfg, "train", device=CPU))
+    second = _build(cfg, tmp_path / "bank", SpyTeachers(cfg), epochs=range(0, 1))
+    assert second["epochs"] == [0, 1] and second["samples"] == 36
+    manifest = json.loads((tmp_path / "bank" / "manifest.json").read_text())
+    assert manifest["summary"]["epochs"] == [0, 1] and manifest["record_bytes"] == 4 + 4 * 2
+
+
+@pytest.fixture(scope="module")
+def bank(files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bank") / "bank"
+    cfg = _cfg(files, out.parent / "run")
+    _build(cfg, out, SpyTeachers(cfg))
+    return out
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("runtime.seed", 6, "seed: the bank has 5, this run has 6"),
+    ("data.image_size", 24, "image_size: the bank has 32, this run has 24"),
+    ("schedule.epochs", 3, r"lacks epoch\(s\) 2 \(not built\)"),
+    ("model.teachers", "test_resnet,test_efficientnet", "built from teachers"),
+])
+def test_refuses_a_bank_that_does_not_fit_the_run(files, bank, tmp_path, key, value, message):
+    cfg = _cfg(files, tmp_path / "run", **{key: value, "bank.path": bank})
+    with pytest.raises(BankError, match=message):
+        open_bank(cfg, build_loader(cfg, "train", device=CPU))
+
+
+def test_refuses_a_bank_of_a_changed_dataset(files, bank, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(files[0], data)
+    victim = sorted((data / "train").rglob("*.JPEG"))[0]
+    victim.unlink()
+    cfg = _cfg(files, tmp_path / "run", **{"data.root": data, "bank.path": bank})
+    with pytest.raises(BankError, match="dataset_digest: the bank has"):
+        open_bank(cfg, build_loader(cfg, "train", device=CPU))
+
+
+def test_bank_mode_config_rules(files, tmp_path):
+    with pytest.raises(ConfigError, match="CutMix"):
+        _cfg(files, tmp_path, **{"bank.path": "x", "data.cutmix": "true"})
+    with pytest.raises(ConfigError, match="needs loss.mode=meal_v2"):
+        _cfg(files, tmp_path, **{"bank.path": "x", "loss.mode": "ce"})
+    with pytest.raises(BankError, match="cutmix"):
+        _build(_cfg(files, tmp_path, **{"data.cutmix": "true"}), tmp_path / "b", SpyTeachers(_cfg(files, tmp_path)))
+
+
+class _StopAt(TrainerHook):
+    def __init__(self, step):
+        self.step = step
+
+    def after_step(self, trainer, parts):
+        if trainer.global_step == self.step:
+            trainer.request_stop("test")
+
+
+def _state(trainer):
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_training_from_the_bank_and_a_mid_epoch_resume(files, bank, tmp_path):
+    overrides = {"bank.path": bank, "runtime.checkpoint_every_steps": 2}
+    straight = build_trainer(_cfg(files, tmp_path / "straight", **overrides), dist=DistInfo())
+    assert straight.teachers is None and isinstance(straight.train_loader, BankLoader)
+    summary = straight.fit()
+    assert summary["epochs"] == EPOCHS and summary["global_step"] == 2 * 5
+    records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    train = next(r for r in records if r["kind"] == "train")
+    assert {"kd", "d", "kl"} <= set(train) and all(np.isfinite(train[k]) for k in ("kd", "d", "kl"))
+
+    stopped = build_trainer(_cfg(files, tmp_path / "resumed", **overrides), dist=DistInfo(), hooks=[_StopAt(7)])
+    assert stopped.fit()["stopped"] == "test"
+    resumed = build_trainer(_cfg(files, tmp_path / "resumed", **overrides), dist=DistInfo())
+    resumed.resume("auto")
+    assert (resumed.epoch, resumed.step_in_epoch) == (1, 2)
+    resumed.fit()
+    a, b = _state(straight), _state(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.last_eval["top1"] == straight.last_eval["top1"]
+
+
+def _build_worker(rank, world_size, overrides, out):
+    from fastmeal.bank.build import build_bank as build
+
+    cfg = build_config("demo", overrides=overrides)
+    return build(cfg, out, top_k=cfg.bank.top_k, chunk_records=cfg.bank.chunk_records, progress=False)
+
+
+def test_two_rank_build_and_two_rank_training(files, bank, tmp_path):
+    out = tmp_path / "bank2"
+    overrides = _overrides(files, tmp_path / "run", **{"data.batch_size": 4})
+    results = run_world(_build_worker, 2, overrides, str(out), timeout=240)
+    assert results[0]["crops_computed"] + results[1]["crops_computed"] == 2 * 18  # disjoint slices, 9 each
+    assert results[0]["epochs"] == [0, 1]
+    # Each image's record does not depend on who built it: the 2-rank bank equals the 1-process one.
+    one, two = store.BankReader(bank, epochs=range(EPOCHS)), store.BankReader(out, epochs=range(EPOCHS))
+    for epoch in range(EPOCHS):
+        p1, c1 = one.records(epoch, np.arange(18))
+        p2, c2 = two.records(epoch, np.arange(18))
+        assert np.array_equal(c1, c2)
+        np.testing.assert_allclose(p1.astype(np.float32), p2.astype(np.float32), rtol=1e-3, atol=1e-4)
+
+    args = ["train", "--preset", "demo"]
+    # Per-rank batches of 2 from 9 images: drop the last one (a BN batch of 1); the bank holds every image anyway.
+    for key, value in _overrides(files, tmp_path / "ddp", **{"bank.path": out, "data.last_batch": "drop"}).items():
+        args += ["--set", f"{key}={value}"]
+    results = run_world(cli_worker, 2, args, timeout=240)
+    for rc, stdout in results:
+        assert rc == 0, stdout
+    summary = json.loads(results[0][1])
+    assert summary["epochs"] == EPOCHS and summary["global_step"] == 2 * 4  # 9 images per rank, batch 2
+
+
+def test_command_line_build(files, tmp_path, capsys):
+    from fastmeal.cli import main
+
+    args = ["bank", "build", "--preset", "demo", "--out", str(tmp_path / "bank"), "--epochs", "1:2", "--top-k", "3",
+            "--no-progress"]
+    for key, value in _overrides(files, tmp_path / "run").items():
+        args += ["--set", f"{key}={value}"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["epochs"] == [1] and summary["crops_computed"] == 18
+    manifest = json.loads((tmp_path / "bank" / "manifest.json").read_text())
+    assert manifest["top_k"] == 3 and manifest["record_bytes"] == 16
+    assert [t["tag"] for t in manifest["teachers"]] == ["test_resnet", "test_resnet"]
+    assert all(len(t["sha256"]) == 64 for t in manifest["teachers"])
+    assert manifest["teachers"][0]["sha256"] != manifest["teachers"][1]["sha256"]
+    assert main(args[:-2] + ["--epochs", "0:x"]) == 2
+    assert "must look like A:B" in capsys.readouterr().err
+
+
+def test_records_round_down_so_a_confident_teacher_keeps_a_remainder():
+    values = torch.tensor([0.99995, 0.3333333, 0.5, 1e-9, 0.0, 6.1e-5])
+    half = round_down_half(values)
+    assert half.dtype == torch.float16 and (half.float() <= values).all()
+    assert ((values - half.float()) <= values * 2**-10 + 2**-24).all()  # at most one fp16 ulp (or a subnormal step)
+    assert half[2] == 0.5  # exact values stay
+    # Confident rows. Row 0: top-1 0.99994, which to nearest is 1.0 in fp16 (the other classes would get
+    # nothing, KL = inf). Row 1: top-1 is already 1.0 in fp32; the rest (< 1e-8) counts at the smallest float.
+    logits = torch.full((1, 2, 10), -6.0)
+    logits[0, 0, 3], logits[0, 1, 3], logits[0, 1, :3] = 6.0, 20.0, -20.0
+    probs, classes, mass, kl = soft_label_records(logits, 2)
+    assert probs[0].float().sum() < 1 and torch.isfinite(kl).all() and (kl > -1e-6).all()
+    assert (classes[:, 0] == 3).all()
+    torch.testing.assert_close(mass, torch.softmax(logits[0], -1).topk(2).values.sum(-1))

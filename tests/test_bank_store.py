@@ -1,0 +1,148 @@
+"""The soft-label bank's on-disk format: records, chunks, manifest, and every refusal of the reader."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fastmeal.bank import store
+
+TEACHERS = [{"tag": "a", "weights": "", "sha256": "0" * 64}]
+
+
+def _manifest(**over):
+    fields = {"teachers": TEACHERS, "dataset_digest": "d1", "dataset_size": 1000, "num_classes": 10, "seed": 3,
+              "image_size": 32, "plan_version": 1, "top_k": 5}
+    fields.update(over)
+    return store.make_manifest(**fields)
+
+
+def _write_epoch(root, manifest, epoch, *, world_size=2, chunk_records=128, seed=0):
+    """Each rank writes a random permutation's slice of the dataset, as a build would; returns the truth."""
+    n = manifest["dataset_size"]
+    rng = np.random.default_rng(seed + epoch)
+    order = rng.permutation(n)
+    per_rank = -(-n // world_size)
+    order = np.concatenate([order, order[:per_rank * world_size - n]])  # padded like DistributedSampler
+    table = {"probs": rng.random((n, 5)).astype(np.float16), "classes": rng.integers(0, 10, (n, 5)).astype(np.int16)}
+    truth = {i: (table["probs"][i], table["classes"][i]) for i in range(n)}
+    layout = store.EpochLayout(world_size=world_size, records_per_rank=per_rank, chunk_records=chunk_records)
+    for rank in range(world_size):
+        mine = order[rank::world_size]
+        writer = store.EpochWriter(root, manifest, epoch, layout, rank)
+        for chunk in range(layout.chunks_per_rank):
+            _, count = layout.chunk_span(rank, chunk)
+            idx = mine[chunk * chunk_records:chunk * chunk_records + count]
+            rows = np.zeros(count, dtype=writer.dtype)
+            rows["index"] = idx
+            rows["probs"], rows["classes"] = table["probs"][idx], table["classes"][idx]
+            writer.write_chunk(chunk, rows, {"mass_sum": 0.9 * count, "kl_sum": 0.01 * count, "samples": count})
+    return truth
+
+
+@pytest.fixture
+def bank(tmp_path):
+    root = tmp_path / "bank"
+    manifest = store.open_or_create(root, _manifest())
+    truths = {e: _write_epoch(root, manifest, e) for e in range(2)}
+    return root, truths
+
+
+def test_record_is_24_bytes_at_k5():
+    assert store.record_dtype(5).itemsize == 24
+    assert _manifest()["record_bytes"] == 24
+
+
+def test_reader_returns_each_images_record_whatever_the_build_order(bank):
+    root, truths = bank
+    reader = store.BankReader(root, expect={"seed": 3, "dataset_digest": "d1"}, epochs=range(2))
+    assert reader.epochs == [0, 1]
+    for epoch, truth in truths.items():
+        query = np.array([999, 0, 17, 500, 17])
+        probs, classes = reader.records(epoch, query)
+        assert probs.dtype == np.float16 and classes.dtype == np.int16 and probs.shape == (5, 5)
+        for row, i in enumerate(query):
+            np.testing.assert_array_equal(probs[row], truth[i][0])
+            np.testing.assert_array_equal(classes[row], truth[i][1])
+
+
+def test_rank_regions_are_whole_pages(tmp_path):
+    layout = store.EpochLayout(world_size=3, records_per_rank=1000, chunk_records=300)
+    assert layout.region_records * 24 % 4096 == 0
+    assert [layout.chunk_span(1, c) for c in range(layout.chunks_per_rank)] == [
+        (1024, 300), (1324, 300), (1624, 300), (1924, 100)]
+
+
+@pytest.mark.parametrize("field,value", [("seed", 4), ("dataset_digest", "other"), ("image_size", 64),
+                                         ("plan_version", 2), ("num_classes", 100)])
+def test_refuses_a_bank_of_another_run_naming_the_field(bank, field, value):
+    root, _ = bank
+    with pytest.raises(store.BankError, match=f"{field}: the bank has"):
+        store.BankReader(root, expect={field: value})
+
+
+def test_refuses_missing_epochs(bank):
+    root, _ = bank
+    with pytest.raises(store.BankError, match=r"lacks epoch\(s\) 2 \(not built\), 3 \(not built\).*holds 0-1"):
+        store.BankReader(root, epochs=range(4))
+
+
+def test_refuses_an_unfinished_epoch(bank):
+    root, _ = bank
+    next(iter(sorted((root / "chunks").glob("e0001-*")))).unlink()
+    with pytest.raises(store.BankError, match=r"1 \(1 of 8 chunks not finished\)"):
+        store.BankReader(root, epochs=range(2))
+
+
+def test_refuses_a_truncated_file(bank):
+    root, _ = bank
+    path = store.epoch_file(root, 1)
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 100)
+    with pytest.raises(store.BankError, match=r"epoch_0001.bin is truncated"):
+        store.BankReader(root, epochs=range(2))
+
+
+def test_refuses_damaged_records_naming_the_chunk(bank):
+    root, _ = bank
+    path = store.epoch_file(root, 0)
+    data = bytearray(path.read_bytes())
+    data[24 * 5 + 7] ^= 0xFF  # one byte of rank 0's first chunk
+    path.write_bytes(bytes(data))
+    reader = store.BankReader(root, epochs=range(2))  # sizes are fine: checksums are checked on first use
+    reader.records(1, np.arange(3))
+    with pytest.raises(store.BankError, match=r"e0000-w2-r0-c0000.json fail their CRC-32"):
+        reader.records(0, np.arange(3))
+
+
+def test_refuses_a_damaged_manifest_and_a_missing_folder(bank, tmp_path):
+    root, _ = bank
+    with pytest.raises(store.BankError, match="is not a folder"):
+        store.BankReader(tmp_path / "nope")
+    (root / "manifest.json").write_text("{ not json")
+    with pytest.raises(store.BankError, match="manifest.*cannot be read"):
+        store.BankReader(root)
+
+
+def test_a_second_build_into_the_folder_must_match(bank):
+    root, _ = bank
+    assert store.open_or_create(root, _manifest())["seed"] == 3
+    with pytest.raises(store.BankError, match="already holds a bank of another run.*top_k: the bank has 5"):
+        store.open_or_create(root, _manifest(top_k=3))
+
+
+def test_chunk_json_is_written_last_and_atomically(tmp_path):
+    root = tmp_path / "b"
+    manifest = store.open_or_create(root, _manifest(dataset_size=10))
+    layout = store.EpochLayout(world_size=1, records_per_rank=10, chunk_records=10)
+    writer = store.EpochWriter(root, manifest, 0, layout, 0)
+    assert not writer.chunk_done(0)
+    with pytest.raises(ValueError, match="needs 10 records"):
+        writer.write_chunk(0, np.zeros(9, dtype=writer.dtype), {})
+    assert not writer.chunk_done(0) and not list((root / "chunks").iterdir())
+    rows = np.zeros(10, dtype=writer.dtype)
+    rows["index"] = np.arange(10)
+    writer.write_chunk(0, rows, {"samples": 10})
+    doc = json.loads(store.chunk_file(root, 0, 1, 0, 0).read_text())
+    assert doc["count"] == 10 and doc["offset"] == 0 and isinstance(doc["crc32"], int)
+    assert [p.name for p in (root / "chunks").iterdir()] == ["e0000-w1-r0-c0000.json"]  # no temporaries left
