@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the result here")
     parser.add_argument("--no-fused", action="store_true", help="train: measure the plan only, not also the "
                         "pre-plan fused random crop")
+    parser.add_argument("--fused-first", action="store_true", help="build and run the fused variant of each backend "
+                        "before the plan (the order matters on a small shared machine: run both)")
     parser.add_argument("--note", action="append", default=[], help="a note stored with the result (repeatable)")
     args = parser.parse_args(argv)
 
@@ -225,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         # The variants take turns, repeat by repeat, so that a load change on a shared machine hits all of them.
         # torchvision is built and started first: forking its workers while a DALI pipeline lives is refused.
         split_variants = variants + (fused_variants if split == "train" else [])
-        split_variants.sort(key=lambda v: v[1] != "torchvision")
+        # Built (and first run) in this order: torchvision first, then plan before fused unless --fused-first.
+        # The order moves the plan/fused ratio on a shared 2-core machine by up to ~25 % (benchmarks/README.md).
+        split_variants.sort(key=lambda v: (v[1] != "torchvision", v[0].endswith(FUSED) != args.fused_first))
         streams, meta, timers = {}, {}, {}
         for key, backend, overrides in split_variants:
             if key.endswith(FUSED):
@@ -287,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"data": os.path.abspath(args.data), "num_files": num_files, "mean_file_kib": mean_kib,
                 "split_sizes": sizes, "device": str(device), "workers": args.workers, "batch": batch,
                 "image_size": args.image_size, "eval_resize": cfg.data.resolved_eval_resize,
-                "prefetch": args.prefetch, "precision": cfg.precision.mode, "torch_threads": torch.get_num_threads(),
+                "prefetch": args.prefetch, "fused_first": args.fused_first, "precision": cfg.precision.mode,
+                "torch_threads": torch.get_num_threads(),
                 "load_average_1m_before_after": [load_before[0], os.getloadavg()[0]]}
     if max(load_before[0], os.getloadavg()[0]) > 0.5 * (os.cpu_count() or 1):
         notes.append(f"the machine was shared (1-minute load average {load_before[0]:.1f} before, "
