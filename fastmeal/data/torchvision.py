@@ -178,9 +178,8 @@ class PlannedDataset(FolderDataset):
 class PlannedBatches(Sampler[list[tuple[int, int]]]):
     """The batch sampler of the train loader: one pass = the batches of ``epoch`` from ``start_step`` on.
 
-    It holds the loader's sampler and counts, not the loader: a loader <-> sampler cycle would outlive
-    the last reference to the loader, and with it the DataLoader's workers, which then kept the process
-    from exiting (they ignore the SIGTERM that multiprocessing's exit handler sends them).
+    It holds the loader's sampler and counts, not the loader: no loader <-> DataLoader reference cycle, so
+    the DataLoader and its workers go with the last reference to the loader, not at a later collection.
     """
 
     def __init__(self, sampler: Sampler[int], *, batch_size: int, num_batches: int, num_samples: int):
