@@ -8,8 +8,9 @@ node (``--nproc-per-node 8``) or several (``--nnodes 2 --rdzv-backend c10d --rdz
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -172,22 +173,56 @@ def check_ranks_agree(value: Any, what: str, *, hint: str = "",
         raise error(f"the ranks disagree on {what} ({per_rank}){'; ' + hint if hint else ''}")
 
 
+# What a loader worker ignores: the rank's preemption signals (torchrun and SLURM signal every process of
+# the rank) and Ctrl-C's SIGINT, which the terminal sends to the whole foreground process group. The rank
+# handles each of them and then ends its workers itself.
+WORKER_IGNORED_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+
+
+def _worker_ignored_signums() -> list[int]:
+    import signal
+
+    return [getattr(signal, name) for name in WORKER_IGNORED_SIGNALS if hasattr(signal, name)]
+
+
+@contextlib.contextmanager
+def worker_signals_blocked() -> Iterator[None]:
+    """Block :data:`WORKER_IGNORED_SIGNALS` in this thread while loader workers are started.
+
+    A child starts with its parent's signal mask, so a worker forked (or started from a forkserver that is
+    itself started) inside this block holds those signals pending, not delivered, until
+    :func:`ignore_preemption_signals` has made it ignore them. Without the block, a signal that arrives
+    between the fork and ``worker_init_fn`` meets torch's worker handler (SIGTERM kills it) or Python's
+    (SIGINT raises in it), and the rank fails instead of stopping cleanly. The rank's own signals stay
+    pending meanwhile and reach its handlers when the block ends.
+    """
+    import signal
+
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _worker_ignored_signums())
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def ignore_preemption_signals(worker_id: int = 0) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn signature
-    """DataLoader ``worker_init_fn``: the loader's worker processes ignore SIGTERM and SIGUSR1.
+    """DataLoader ``worker_init_fn``: the loader's worker processes ignore SIGTERM, SIGUSR1 and SIGINT.
 
     torchrun forwards a signal to each rank's whole process group and SLURM signals every process of a
     job step, so the loader's workers get the rank's preemption signal too. torch's worker dies on a
     SIGTERM that does not come from its parent, and the rank's SIGCHLD handler then raises in the
     middle of the step, before the checkpoint. The rank handles the signal (:class:`PreemptionHandler`);
     its workers end when it closes its loaders (``fastmeal.data.close_loaders``, on every exit path), and
-    the kernel kills them when the rank dies (``PR_SET_PDEATHSIG``), so none is left behind.
+    the kernel kills them when the rank dies (``PR_SET_PDEATHSIG``), so none is left behind. Workers
+    started inside :func:`worker_signals_blocked` get the signals unblocked here, once they are ignored
+    (a signal still pending then is discarded).
     """
     import signal
 
-    for name in PreemptionHandler.SIGNALS:
-        signum = getattr(signal, name, None)
-        if signum is not None:
-            signal.signal(signum, signal.SIG_IGN)
+    signums = _worker_ignored_signums()
+    for signum in signums:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signums)
     _die_with_parent()
 
 

@@ -1,5 +1,7 @@
 """Process-group helpers: per-rank batch, device choice, buffer broadcast, rank agreement, preemption agreement."""
 
+import contextlib
+import multiprocessing
 import os
 import signal
 
@@ -21,6 +23,7 @@ from fastmeal.distributed import (
     init_distributed,
     per_rank_batch,
     resolve_device,
+    worker_signals_blocked,
 )
 
 
@@ -144,3 +147,29 @@ def test_loader_workers_ignore_preemption_signals_meant_for_their_rank():
     os.kill(pid, signal.SIGTERM)  # as torchrun's os.killpg reaches it
     assert [next(it)[0] for _ in range(3)] == [pid] * 3  # the same worker, alive, serves the rest of the epoch
     assert next(iter(loader))[0] == pid  # and the next epoch
+
+
+def _late_ignoring_worker(go) -> None:
+    """A worker that makes itself ignore the signals only after its parent has signalled it."""
+    go.wait(30)
+    ignore_preemption_signals()
+
+
+@pytest.mark.parametrize("blocked", [True, False])
+def test_a_signal_that_reaches_a_starting_worker_waits_until_it_ignores_it(blocked):
+    """SIGTERM/SIGINT sent to the group between a worker's fork and its worker_init_fn must not kill it.
+
+    The control (no block) shows the window is real: the same worker dies of the signal.
+    """
+    context = multiprocessing.get_context("fork")
+    go = context.Event()
+    worker = context.Process(target=_late_ignoring_worker, args=(go,))
+    with worker_signals_blocked() if blocked else contextlib.nullcontext():
+        worker.start()
+    os.kill(worker.pid, signal.SIGTERM)  # before it ignores anything
+    os.kill(worker.pid, signal.SIGINT)
+    go.set()
+    worker.join(30)
+    assert worker.exitcode == (0 if blocked else -signal.SIGTERM)
+    # The parent's own mask is back as it was: the rank still receives its signals.
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])

@@ -53,7 +53,7 @@ from fastmeal.data.common import (
 )
 from fastmeal.data.index import DatasetIndex
 from fastmeal.data.plan import plan_crops
-from fastmeal.distributed import ignore_preemption_signals
+from fastmeal.distributed import ignore_preemption_signals, worker_signals_blocked
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,8 @@ def _collate(batch: list[tuple[torch.Tensor, int, tuple[str, ...]]]) -> tuple[to
 
 def _worker_errors_named(loader: DataLoader) -> Iterator:
     """Iterate ``loader``; a worker's CorruptImageError comes out with its own message, not the worker's traceback."""
-    iterator = iter(loader)
+    with worker_signals_blocked():  # workers started here ignore the rank's signals from their first instant
+        iterator = iter(loader)
     if getattr(iterator, "_workers", None):
         LIVE_ITERATORS.add(iterator)
     while True:
