@@ -7,6 +7,14 @@ normalised channels-last batch and its labels on the device (fp32 on the CPU; on
 dtype, fp16, with DALI's ``mixed`` GPU decoding). Train (RandomResizedCrop + flip) and val (resize +
 centre crop) pipelines are measured separately.
 
+Train is measured twice per backend, in the same run: ``variant=plan`` is the product (the crop plan,
+:mod:`fastmeal.data.plan`: boxes computed in Python per batch, fed to DALI's ROI decoder /
+cropped with PIL), ``variant=fused`` the augmentation it replaced, kept here only as the comparison
+point: DALI's fused ``decoders.image_random_crop`` drawing its own boxes, and torchvision's
+``RandomResizedCrop`` drawing from torch's RNG in the workers. Both variants share everything else
+(files, order, batches, collation, output). ``plan_over_fused`` is their ratio (images/s and per
+CPU-second); the plan's cost goal is at most 5 % on the CPU.
+
 For each split: every file is read once first (no cold-disk reads in the timed region), each backend
 runs ``--warmup`` batches, then the backends take turns for ``--repeats`` timed runs of ``--batches``
 consecutive batches each (turns, so that a load change on a shared machine hits both; epochs chain:
@@ -44,8 +52,76 @@ import harness  # noqa: E402
 
 from fastmeal.config import r50_224  # noqa: E402
 from fastmeal.data import build_loader, dali_available  # noqa: E402
-from fastmeal.data.common import scan_split  # noqa: E402
+from fastmeal.data.common import CROP_AREA, CROP_ASPECT, scan_split  # noqa: E402
 from fastmeal.distributed import resolve_device  # noqa: E402
+
+FUSED = "@fused"  # the variant key suffix of the pre-plan augmentation
+
+
+def fused_loader(cfg, backend: str, device: torch.device):
+    """The train loader with the pre-plan augmentation: random draws inside the pipeline (module docstring)."""
+    if backend == "torchvision":
+        from torch.utils.data import DataLoader
+
+        from fastmeal.data.torchvision import FolderDataset, _collate, build_transform
+
+        loader = build_loader(cfg.replace({"data.backend": "torchvision"}), "train", device=device)
+        data = cfg.data
+        dataset = FolderDataset(scan_split(data.root, "train"), build_transform("train", data.image_size,
+                                                                               data.resolved_eval_resize))
+        # The same DataLoader as the product's, reading (index) items with RandomResizedCrop in the workers.
+        loader._batches = None
+        loader._loader = DataLoader(dataset, batch_size=loader.batch_size, sampler=loader.sampler,
+                                    num_workers=data.workers, collate_fn=_collate, pin_memory=device.type == "cuda",
+                                    persistent_workers=data.workers > 0,
+                                    prefetch_factor=data.prefetch if data.workers else None)
+        return loader
+    from nvidia.dali import fn, types
+
+    from fastmeal.data import build_index
+    from fastmeal.data.dali import DaliLoader, decoder_args, resize_flip_normalize
+
+    class FusedRandomCropDali(DaliLoader):
+        """The pre-plan DALI train graph: paths in, DALI's fused random-crop decoder draws the boxes."""
+
+        def _input_types(self):
+            return [types.UINT8]
+
+        def _source(self):
+            return (self._encoded_paths(self._feed_next()),)
+
+        def _define(self, inputs, *, decoder_device, dali_dtype):
+            data = self.cfg.data
+            images = fn.decoders.image_random_crop(fn.io.file.read(inputs[0]), random_area=list(CROP_AREA),
+                                                   random_aspect_ratio=list(CROP_ASPECT), num_attempts=10,
+                                                   **decoder_args(decoder_device, data.dali_hw_decoder_load))
+            return resize_flip_normalize(images, fn.random.coin_flip(probability=0.5), image_size=data.image_size,
+                                         dali_dtype=dali_dtype)
+
+    split = scan_split(cfg.data.root, "train")
+    return FusedRandomCropDali(cfg.replace({"data.backend": "dali"}), split, "train", rank=0, world_size=1,
+                               device=device, batch_size=cfg.data.batch_size, index=build_index(split, progress=False))
+
+
+class SourceTimer:
+    """Wall time spent in the DALI loader's per-batch Python (``external_source`` callback), per batch."""
+
+    def __init__(self, loader) -> None:
+        self.seconds, self.calls = 0.0, 0
+        source = loader._source
+
+        def timed():
+            start = time.perf_counter()
+            try:
+                return source()
+            finally:
+                self.seconds += time.perf_counter() - start
+                self.calls += 1
+
+        loader._source = timed
+
+    def ms_per_batch(self) -> float:
+        return 1e3 * self.seconds / max(self.calls, 1)
 
 
 def _forever(loader):
@@ -113,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hw-decoder-loads", type=float, nargs="*", default=[],
                         help="extra DALI train/val rows with these data.dali_hw_decoder_load values (CUDA only)")
     parser.add_argument("--json", help="write the result here")
+    parser.add_argument("--no-fused", action="store_true", help="train: measure the plan only, not also the "
+                        "pre-plan fused random crop")
+    parser.add_argument("--fused-first", action="store_true", help="build and run the fused variant of each backend "
+                        "before the plan (the order matters on a small shared machine: run both)")
     parser.add_argument("--note", action="append", default=[], help="a note stored with the result (repeatable)")
     args = parser.parse_args(argv)
 
@@ -130,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             variants += [(f"dali@hw{v:g}", "dali", {"data.dali_hw_decoder_load": v}) for v in args.hw_decoder_loads]
         else:
             notes.append("--hw-decoder-loads ignored: the hardware JPEG decoder needs CUDA")
+    fused_variants = [] if args.no_fused else [(b + FUSED, b, {}) for b in backends]
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     num_files, num_bytes = _warm_page_cache(args.data)
     load_before = os.getloadavg()
@@ -143,11 +224,20 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.workers} workers/threads, batch {batch}, {args.image_size} px")
     rows = []
     for split in splits:
-        # The backends take turns, repeat by repeat, so that a load change on a shared machine hits both.
+        # The variants take turns, repeat by repeat, so that a load change on a shared machine hits all of them.
         # torchvision is built and started first: forking its workers while a DALI pipeline lives is refused.
-        streams, meta = {}, {}
-        for key, backend, overrides in variants:
-            loader = build_loader(cfg.replace({"data.backend": backend, **overrides}), split, device=device)
+        split_variants = variants + (fused_variants if split == "train" else [])
+        # Built (and first run) in this order: torchvision first, then plan before fused unless --fused-first.
+        # The order moves the plan/fused ratio on a shared 2-core machine by up to ~25 % (benchmarks/README.md).
+        split_variants.sort(key=lambda v: (v[1] != "torchvision", v[0].endswith(FUSED) != args.fused_first))
+        streams, meta, timers = {}, {}, {}
+        for key, backend, overrides in split_variants:
+            if key.endswith(FUSED):
+                loader = fused_loader(cfg, backend, device)
+            else:
+                loader = build_loader(cfg.replace({"data.backend": backend, **overrides}), split, device=device)
+            if backend == "dali":
+                timers[key] = SourceTimer(loader)
             per_epoch = len(loader)
             # At least 12 batches per repeat: a small dataset at batch 256 has only a few per epoch.
             warmup = args.warmup or max(per_epoch, 4)
@@ -169,30 +259,40 @@ def main(argv: list[str] | None = None) -> int:
                 rate, cpu_rate = _timed(streams[key], meta[key]["batches_per_repeat"], device)
                 rates[key].append(rate)
                 per_cpu[key].append(cpu_rate)
-        for key, backend, _ in variants:
+        for key, backend, _ in split_variants:
             r, c = rates[key], per_cpu[key]
-            rows.append({"backend": backend, "variant": key, "split": split, "images_per_s": statistics.median(r),
-                         "min_images_per_s": min(r), "max_images_per_s": max(r),
-                         "images_per_cpu_s": statistics.median(c), "repeats": len(r),
-                         "all_images_per_s": r, "all_images_per_cpu_s": c, **meta[key]})
-            print(f"{key:12s} {split:5s} {statistics.median(r):9.1f} img/s  (min {min(r):.1f}, max {max(r):.1f}, "
+            row = {"backend": backend, "variant": key, "split": split, "images_per_s": statistics.median(r),
+                   "min_images_per_s": min(r), "max_images_per_s": max(r), "images_per_cpu_s": statistics.median(c),
+                   "repeats": len(r), "all_images_per_s": r, "all_images_per_cpu_s": c, **meta[key]}
+            if key in timers:
+                row["source_ms_per_batch"] = timers[key].ms_per_batch()
+            rows.append(row)
+            print(f"{key:18s} {split:5s} {statistics.median(r):9.1f} img/s  (min {min(r):.1f}, max {max(r):.1f}, "
                   f"{len(r)} x {meta[key]['batches_per_repeat']} batches)  {statistics.median(c):8.1f} img/CPU-s",
                   flush=True)
         streams.clear()  # ends the generators, so the loaders and their workers / pipelines go
         gc.collect()
     for split in splits:
-        by_backend = {r["backend"]: r for r in rows if r["split"] == split and r["variant"] == r["backend"]}
-        if len(by_backend) == 2:
-            ratio = by_backend["dali"]["images_per_s"] / by_backend["torchvision"]["images_per_s"]
-            cpu_ratio = by_backend["dali"]["images_per_cpu_s"] / by_backend["torchvision"]["images_per_cpu_s"]
-            for r in by_backend.values():
+        by_variant = {r["variant"]: r for r in rows if r["split"] == split}
+        if "dali" in by_variant and "torchvision" in by_variant:
+            ratio = by_variant["dali"]["images_per_s"] / by_variant["torchvision"]["images_per_s"]
+            cpu_ratio = by_variant["dali"]["images_per_cpu_s"] / by_variant["torchvision"]["images_per_cpu_s"]
+            for r in (by_variant["dali"], by_variant["torchvision"]):
                 r["dali_over_torchvision"] = ratio
                 r["dali_over_torchvision_per_cpu_s"] = cpu_ratio
             print(f"{split}: DALI / torchvision = {ratio:.2f}x in images/s, {cpu_ratio:.2f}x in images per CPU-second")
+        for backend in backends:
+            plan, fused = by_variant.get(backend), by_variant.get(backend + FUSED)
+            if plan is not None and fused is not None:
+                plan["plan_over_fused"] = plan["images_per_s"] / fused["images_per_s"]
+                plan["plan_over_fused_per_cpu_s"] = plan["images_per_cpu_s"] / fused["images_per_cpu_s"]
+                print(f"{split} {backend}: plan / fused = {plan['plan_over_fused']:.3f}x in images/s, "
+                      f"{plan['plan_over_fused_per_cpu_s']:.3f}x per CPU-second")
     settings = {"data": os.path.abspath(args.data), "num_files": num_files, "mean_file_kib": mean_kib,
                 "split_sizes": sizes, "device": str(device), "workers": args.workers, "batch": batch,
                 "image_size": args.image_size, "eval_resize": cfg.data.resolved_eval_resize,
-                "prefetch": args.prefetch, "precision": cfg.precision.mode, "torch_threads": torch.get_num_threads(),
+                "prefetch": args.prefetch, "fused_first": args.fused_first, "precision": cfg.precision.mode,
+                "torch_threads": torch.get_num_threads(),
                 "load_average_1m_before_after": [load_before[0], os.getloadavg()[0]]}
     if max(load_before[0], os.getloadavg()[0]) > 0.5 * (os.cpu_count() or 1):
         notes.append(f"the machine was shared (1-minute load average {load_before[0]:.1f} before, "

@@ -10,7 +10,7 @@ three ways on JPEGs through ``build_trainer`` (both backends, ``data.workers`` 0
   then killed (an exception, no checkpoint at the kill) at step 5 of epoch 1, after the periodic
   checkpoint of step 3; resumed with ``resume=auto`` from that mid-epoch checkpoint to the end.
 
-The final student, discriminator-free CE model and optimiser state equal the straight run's bit for bit,
+The final model (CE mode: student only) and optimiser state equal the straight run's bit for bit,
 and the last resume reads exactly the files of steps 3..5 of epoch 1 (and DALI's prefetch of epoch 2,
 which the straight run reads too): no skipped batch is decoded.
 """
@@ -18,10 +18,11 @@ which the straight run reads too): no skipped batch is decoded.
 from __future__ import annotations
 
 import pytest
-import torch
+from test_preemption import assert_same_state
 from tiny import DISK_CLASSES, jpeg_dataset, one_intraop_thread
 
 from fastmeal.config import build_config
+from fastmeal.data import close_loaders
 from fastmeal.data import dali as dali_module
 from fastmeal.data import torchvision as tv_module
 from fastmeal.trainer import Trainer, TrainerHook, build_trainer
@@ -61,20 +62,15 @@ class StopAt(TrainerHook):
 
 
 def _run(cfg, *hooks, resume: str = "") -> Trainer:
-    trainer = build_trainer(cfg, hooks=list(hooks))
-    trainer.resume(resume)
-    trainer.fit()
+    """What ``fastmeal train`` does: build, resume, fit, and end the loaders' workers on every exit path
+    (while they live they hold an inherited copy of the run dir's lock)."""
+    try:
+        trainer = build_trainer(cfg, hooks=list(hooks))
+        trainer.resume(resume)
+        trainer.fit()
+    finally:
+        close_loaders()
     return trainer
-
-
-def _same_state(a: Trainer, b: Trainer) -> None:
-    for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items(), strict=True):
-        assert torch.equal(x, y), f"{name} differs"
-    sa, sb = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
-    assert sa.keys() == sb.keys() and sa
-    for key in sa:
-        assert torch.equal(sa[key]["momentum_buffer"], sb[key]["momentum_buffer"])
-    assert (a.epoch, a.step_in_epoch, a.global_step) == (b.epoch, b.step_in_epoch, b.global_step) == (2, 0, 2 * STEPS)
 
 
 @pytest.fixture
@@ -121,7 +117,8 @@ def test_stop_kill_and_resume_end_bit_equal_to_the_straight_run(data, tmp_path, 
         _run(cfg, StopAt(STEPS + 5, kill=True), resume="auto")  # killed at step 5 of epoch 1
     reads()
     last = _run(cfg, resume="auto")  # from the periodic checkpoint: epoch 1, step 3
-    _same_state(straight, last)
+    assert_same_state(straight, last)
+    assert (last.epoch, last.step_in_epoch, last.global_step) == (2, 0, 2 * STEPS)
     loader = last.train_loader
     train_reads = [p for p in reads() if f"{data}/train/" in p]  # the val split is read (evaluated) too
     order = loader.epoch_indices(1)

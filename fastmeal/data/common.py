@@ -161,6 +161,12 @@ def build_sampler(split: str, num_samples: int, *, rank: int, world_size: int, s
     return EvalShardSampler(num_samples, rank, world_size)
 
 
+def epoch_order(sampler: Sampler[int], epoch: int, num_samples: int) -> np.ndarray:
+    """The first ``num_samples`` dataset indices of ``sampler``'s order for ``epoch`` (int64)."""
+    sampler.set_epoch(epoch)
+    return np.fromiter(sampler, dtype=np.int64)[:num_samples]
+
+
 def epoch_counts(samples_per_rank: int, batch_size: int, drop_last: bool) -> tuple[int, int]:
     """``(batches, samples)`` this rank yields per epoch: the last batch is partial unless dropped."""
     if drop_last:
@@ -304,8 +310,7 @@ class LoaderBase:
 
         Slots of corrupt files hold the file's index (``substitutes`` says which file is read instead).
         """
-        self.sampler.set_epoch(epoch)
-        return np.fromiter(self.sampler, dtype=np.int64)[:self.num_samples]
+        return epoch_order(self.sampler, epoch, self.num_samples)
 
     def _step_batches(self, epoch: int, start_step: int) -> list[np.ndarray]:
         """The batches of ``epoch`` from ``start_step`` on, as arrays of dataset indices."""

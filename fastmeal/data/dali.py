@@ -234,25 +234,40 @@ class DaliLoader(LoaderBase):
         for _ in range(stale):  # decoded already or being decoded: run them out of the pipeline
             self._run()
 
-    def _source(self) -> tuple[Any, ...]:
-        """DALI's external source: the next planned batch.
-
-        val: ``(paths,)``; train: ``(paths, anchor [B,2], shape [B,2], flip [B])`` with the planned boxes
-        of the files actually read (a corrupt file's substitute is cropped with its own plan).
-        """
+    def _feed_next(self) -> np.ndarray:
+        """Move the next planned batch in flight; the dataset indices of the files it reads."""
         if not self._queue:
             self._plan_more()
         batch = self._queue.popleft()
         self._inflight.append(batch)
         reads = np.array([self.substitutes.get(i, i) for i in batch.samples], dtype=np.int64)
         self.files_fed += len(reads)
-        paths = [np.frombuffer(self.paths[i].encode(), dtype=np.uint8) for i in reads.tolist()]
+        return reads
+
+    def _encoded_paths(self, reads: np.ndarray) -> list[np.ndarray]:
+        return [np.frombuffer(self.paths[i].encode(), dtype=np.uint8) for i in reads.tolist()]
+
+    def _source(self) -> tuple[Any, ...]:
+        """DALI's external source: the next planned batch.
+
+        val: ``(paths,)``; train: ``(paths, anchor [B,2], shape [B,2], flip [B])`` with the planned boxes
+        of the files actually read (a corrupt file's substitute is cropped with its own plan).
+        """
+        reads = self._feed_next()
+        paths = self._encoded_paths(reads)
         if not self.train:
             return (paths,)
-        plan = plan_crops(self.seed, batch.epoch, reads, self.index.heights[reads], self.index.widths[reads])
+        plan = plan_crops(self.seed, self._inflight[-1].epoch, reads, self.index.heights[reads],
+                          self.index.widths[reads])
         anchor = np.stack([plan.left, plan.top], axis=1).astype(np.int32)
         shape = np.stack([plan.width, plan.height], axis=1).astype(np.int32)
         return paths, anchor, shape, plan.flip.astype(np.int32)
+
+    def _input_types(self) -> list[Any]:
+        """DALI types of what :meth:`_source` returns."""
+        from nvidia.dali import types
+
+        return [types.UINT8, types.INT32, types.INT32, types.INT32] if self.train else [types.UINT8]
 
     # -- running DALI --------------------------------------------------------------------------
 
@@ -271,7 +286,7 @@ class DaliLoader(LoaderBase):
         # the pipeline and its threads at once.
         ref = weakref.ref(self)
         with pipe:
-            types_in = [types.UINT8, types.INT32, types.INT32, types.INT32] if self.train else [types.UINT8]
+            types_in = self._input_types()
             inputs = fn.external_source(source=lambda: ref()._source(), num_outputs=len(types_in), batch=True,
                                         dtype=types_in)
             images = self._define(list(inputs), decoder_device="mixed" if on_gpu else "cpu", dali_dtype=dali_dtype)

@@ -48,6 +48,7 @@ from fastmeal.data.common import (
     LoaderBase,
     Split,
     clamp_workers,
+    epoch_order,
     load_rgb,
     next_decodable,
 )
@@ -181,18 +182,26 @@ class PlannedDataset(FolderDataset):
 
 
 class PlannedBatches(Sampler[list[tuple[int, int]]]):
-    """The batch sampler of the train loader: one pass = the batches of ``epoch`` from ``start_step`` on."""
+    """The batch sampler of the train loader: one pass = the batches of ``epoch`` from ``start_step`` on.
 
-    def __init__(self, loader: LoaderBase):
-        self.loader = loader
+    It holds the loader's sampler and counts, not the loader: a loader <-> sampler cycle would outlive
+    the last reference to the loader, and with it the DataLoader's workers, which then kept the process
+    from exiting (they ignore the SIGTERM that multiprocessing's exit handler sends them).
+    """
+
+    def __init__(self, sampler: Sampler[int], *, batch_size: int, num_batches: int, num_samples: int):
+        self.sampler, self.batch_size = sampler, batch_size
+        self.num_batches, self.num_samples = num_batches, num_samples
         self.epoch, self.start_step = 0, 0
 
     def __iter__(self):
-        for batch in self.loader._step_batches(self.epoch, self.start_step):
-            yield [(self.epoch, int(i)) for i in batch]
+        order = epoch_order(self.sampler, self.epoch, self.num_samples)
+        b = self.batch_size
+        for k in range(self.start_step, self.num_batches):
+            yield [(self.epoch, int(i)) for i in order[k * b:(k + 1) * b]]
 
     def __len__(self) -> int:
-        return self.loader.num_batches - self.start_step
+        return self.num_batches - self.start_step
 
 
 def _collate(batch: list[tuple[torch.Tensor, int, tuple[str, ...]]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -247,7 +256,9 @@ class TorchvisionLoader(LoaderBase):
         if self.train:
             dataset: FolderDataset = PlannedDataset(index, seed=cfg.runtime.seed, image_size=cfg.data.image_size,
                                                     substitutes=self.substitutes, skip_corrupt=cfg.data.skip_corrupt)
-            self._batches: PlannedBatches | None = PlannedBatches(self)
+            self._batches: PlannedBatches | None = PlannedBatches(self.sampler, batch_size=batch_size,
+                                                                  num_batches=self.num_batches,
+                                                                  num_samples=self.num_samples)
             order = {"batch_sampler": self._batches}
         else:
             dataset = FolderDataset(split, build_transform("val", cfg.data.image_size, cfg.data.resolved_eval_resize),
