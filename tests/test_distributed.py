@@ -173,3 +173,29 @@ def test_a_signal_that_reaches_a_starting_worker_waits_until_it_ignores_it(block
     assert worker.exitcode == (0 if blocked else -signal.SIGTERM)
     # The parent's own mask is back as it was: the rank still receives its signals.
     assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+def test_a_process_that_leaves_loader_workers_running_still_exits():
+    """Workers ignore SIGTERM, so multiprocessing's exit-time terminate() + join() alone would wait forever.
+
+    The script leaves a DataLoader that fastmeal does not track (one made by the user), mid-epoch.
+    """
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import fastmeal.data
+        from torch.utils.data import DataLoader
+        from fastmeal.distributed import ignore_preemption_signals
+        loader = DataLoader(list(range(8)), batch_size=2, num_workers=2, persistent_workers=True,
+                            worker_init_fn=ignore_preemption_signals)
+        it = iter(loader)
+        next(it)
+        print(*(w.pid for w in it._workers))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr[-2000:]
+    for pid in map(int, done.stdout.split()):
+        assert not os.path.exists(f"/proc/{pid}"), f"worker {pid} outlived its process"

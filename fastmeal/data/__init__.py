@@ -16,6 +16,7 @@ epoch at any step (``set_epoch(epoch, start_step)``) and says which images each 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib.util
 import logging
 import sys
@@ -84,10 +85,34 @@ def close_loaders() -> None:
         module.close_iterator(iterator)
 
 
+def _close_at_exit() -> None:
+    """At interpreter exit: close every tracked loader, then SIGKILL any daemonic child still alive.
+
+    multiprocessing's own exit handler (it runs after this one) ``terminate()``s daemonic children with
+    SIGTERM and joins them; loader workers ignore SIGTERM, so a worker that no tracked iterator owns any
+    more (one whose iterator is being collected, or a DataLoader made outside fastmeal's loaders) would
+    make the process hang at exit. Killing daemonic children is what that handler means to do anyway.
+    """
+    import multiprocessing
+    import signal
+
+    close_loaders()
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    if not children:
+        return
+    # torch's SIGCHLD handler raises when it sees a worker killed; the process is exiting, so it goes.
+    with contextlib.suppress(ValueError):  # not the main thread
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(timeout=5)
+
+
 def _register_exit_handler() -> None:
     import multiprocessing.util  # noqa: F401 - registers multiprocessing's atexit handler first; ours runs before it
 
-    atexit.register(close_loaders)
+    atexit.register(_close_at_exit)
 
 
 _register_exit_handler()

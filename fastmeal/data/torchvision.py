@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import sys
 import weakref
 from collections.abc import Iterator
@@ -65,6 +66,11 @@ LIVE_ITERATORS: weakref.WeakSet[Any] = weakref.WeakSet()
 def close_iterator(iterator: Any) -> None:
     """End a DataLoader iterator's worker processes now: the graceful way, then SIGKILL for any left."""
     workers = list(getattr(iterator, "_workers", ()))
+    if any(getattr(w, "_parent_pid", os.getpid()) != os.getpid() for w in workers):
+        # Inherited through a fork (a rank forked from a process that had loaders): not this process's
+        # workers, and shutting them down from here would use the parent's queues.
+        LIVE_ITERATORS.discard(iterator)
+        return
     with contextlib.suppress(Exception):
         iterator._shutdown_workers()  # each worker reads its end marker and exits; its pids are unregistered
     for w in workers:
