@@ -143,6 +143,24 @@ def _num_warps(block: int) -> int:
     return 16
 
 
+def _outputs(device: torch.device, specs: tuple[tuple[str, Tensor | None, tuple[int, ...], torch.dtype], ...]
+             ) -> list[Tensor]:
+    """The kernels' output buffers: each ``(name, given, shape, dtype)`` allocated when ``given`` is None, else checked.
+
+    A given buffer must have exactly that shape and dtype, contiguous rows and the inputs' device (the kernels
+    write rows with unit stride; CUDA-graph callers pass static buffers).
+    """
+    outs = []
+    for name, out, shape, dtype in specs:
+        if out is None:
+            out = torch.empty(shape, device=device, dtype=dtype)
+        elif out.shape != shape or out.dtype != dtype or out.stride(-1) != 1 or out.device != device:
+            raise ValueError(f"{name} must be a {dtype} tensor of shape {shape} on {device} with contiguous "
+                             f"rows, got {out.dtype} {tuple(out.shape)} strides {out.stride()} on {out.device}")
+        outs.append(out)
+    return outs
+
+
 def _check_inputs(student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
     if student_logits.dim() != 2 or teacher_logits.dim() != 3 or teacher_logits.shape[1:] != student_logits.shape:
         raise ValueError(f"expected student logits [B, C] and teacher logits [K, B, C], got "
@@ -192,21 +210,11 @@ def ensemble_kd_forward(student_logits: Tensor, teacher_logits: Tensor, *,
     student_logits, teacher_logits = _check_inputs(student_logits, teacher_logits)
     num_teachers, batch, num_classes = teacher_logits.shape
     device = student_logits.device
-    if ce_rows is None:
-        ce_rows = torch.empty(batch, device=device, dtype=torch.float32)
-    if kl_rows is None:
-        kl_rows = torch.empty(batch, device=device, dtype=torch.float32)
-    if t_bar is None:
-        t_bar = torch.empty(batch, num_classes, device=device, dtype=teacher_logits.dtype)
-    if grad is None:
-        grad = torch.empty(batch, num_classes, device=device, dtype=student_logits.dtype)
-    for name, out, shape, dtype in (("ce_rows", ce_rows, (batch,), torch.float32),
-                                    ("kl_rows", kl_rows, (batch,), torch.float32),
-                                    ("t_bar", t_bar, (batch, num_classes), teacher_logits.dtype),
-                                    ("grad", grad, (batch, num_classes), student_logits.dtype)):
-        if out.shape != shape or out.dtype != dtype or out.stride(-1) != 1 or out.device != device:
-            raise ValueError(f"{name} must be a {dtype} tensor of shape {shape} on {device} with contiguous "
-                             f"rows, got {out.dtype} {tuple(out.shape)} strides {out.stride()} on {out.device}")
+    ce_rows, kl_rows, t_bar, grad = _outputs(device, (
+        ("ce_rows", ce_rows, (batch,), torch.float32),
+        ("kl_rows", kl_rows, (batch,), torch.float32),
+        ("t_bar", t_bar, (batch, num_classes), teacher_logits.dtype),
+        ("grad", grad, (batch, num_classes), student_logits.dtype)))
 
     args = (teacher_logits, student_logits, t_bar, grad, ce_rows, kl_rows,
             teacher_logits.stride(0), teacher_logits.stride(1), student_logits.stride(0), t_bar.stride(0),

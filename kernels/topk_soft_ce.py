@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 # The online-softmax row reduction and the warp count are the ensemble-KD kernel's (same row shapes).
-from fastmeal.kernels.ensemble_kd import _num_warps, _row_logsumexp
+from fastmeal.kernels.ensemble_kd import _num_warps, _outputs, _row_logsumexp
 
 #: Rows up to this many classes (rounded up to a power of two) are processed as a single block.
 MAX_FUSED_BLOCK = 8192
@@ -165,21 +165,11 @@ def topk_soft_ce_forward(student_logits: Tensor, probs: Tensor, indices: Tensor,
     student_logits, probs, indices = _check_inputs(student_logits, probs, indices)
     batch, num_classes = student_logits.shape
     device = student_logits.device
-    if ce_rows is None:
-        ce_rows = torch.empty(batch, device=device, dtype=torch.float32)
-    if kl_rows is None:
-        kl_rows = torch.empty(batch, device=device, dtype=torch.float32)
-    if target is None:
-        target = torch.empty(batch, num_classes, device=device, dtype=torch.float32)
-    if grad is None:
-        grad = torch.empty(batch, num_classes, device=device, dtype=student_logits.dtype)
-    for name, out, shape, dtype in (("ce_rows", ce_rows, (batch,), torch.float32),
-                                    ("kl_rows", kl_rows, (batch,), torch.float32),
-                                    ("target", target, (batch, num_classes), torch.float32),
-                                    ("grad", grad, (batch, num_classes), student_logits.dtype)):
-        if out.shape != shape or out.dtype != dtype or out.stride(-1) != 1 or out.device != device:
-            raise ValueError(f"{name} must be a {dtype} tensor of shape {shape} on {device} with contiguous "
-                             f"rows, got {out.dtype} {tuple(out.shape)} strides {out.stride()} on {out.device}")
+    ce_rows, kl_rows, target, grad = _outputs(device, (
+        ("ce_rows", ce_rows, (batch,), torch.float32),
+        ("kl_rows", kl_rows, (batch,), torch.float32),
+        ("target", target, (batch, num_classes), torch.float32),
+        ("grad", grad, (batch, num_classes), student_logits.dtype)))
     args = (student_logits, probs, indices, target, grad, ce_rows, kl_rows,
             student_logits.stride(0), probs.stride(0), indices.stride(0), target.stride(0), grad.stride(0),
             num_classes, 1.0 / batch)
