@@ -51,6 +51,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fastmeal.config import Config, build_config
+from fastmeal.console import progress_enabled
 from fastmeal.metrics import finite_json
 from fastmeal.trainer import Trainer, TrainerHook
 
@@ -119,7 +120,7 @@ class _StageProgress(TrainerHook):
 
     def on_train_start(self, trainer: Trainer) -> None:
         self.bar = tqdm(total=trainer.cfg.schedule.epochs, initial=trainer.epoch, desc=f"{self.label:>10}",
-                        unit="epoch", disable=not self.enabled, dynamic_ncols=True)
+                        unit="epoch", disable=not progress_enabled(self.enabled), dynamic_ncols=True)
 
     def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         self.bar.update(1)

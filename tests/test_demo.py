@@ -92,3 +92,16 @@ def test_the_demo_writes_its_report(demo, capsys):
     summary = (report / "report.md").read_text()
     assert "| distilled | demo | finished (1 epochs) |" in summary and "| control |" in summary
     assert "| loss.mode | meal_v2 | ce |" in summary
+
+
+def test_stage_bars_are_off_when_stderr_is_not_a_terminal(capsys):
+    """A demo logged to a file or a pipe gets its result lines, not tqdm's carriage-return frames."""
+    from types import SimpleNamespace
+
+    from fastmeal.demo import _StageProgress
+
+    hook = _StageProgress("distilled", True)
+    hook.on_train_start(SimpleNamespace(cfg=SimpleNamespace(schedule=SimpleNamespace(epochs=3)), epoch=0))
+    hook.bar.update(1)
+    hook.bar.close()
+    assert hook.bar.disable and "\r" not in capsys.readouterr().err

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from fastmeal.bank import store
 from fastmeal.config import Config
+from fastmeal.console import progress_enabled
 from fastmeal.distributed import DistInfo, barrier
 from fastmeal.losses import decode_topk
 
@@ -189,7 +190,7 @@ def build_bank(cfg: Config, out: str | Path, *, epochs: range | None = None, top
                      for c in range(layout.chunks_per_rank)
                      if not store.chunk_file(out, epoch, layout.world_size, dist.rank, c).exists())
     bar = tqdm(total=todo_crops, unit="crop", unit_scale=True, desc="bank build", dynamic_ncols=True,
-               disable=not (progress and dist.is_main))
+               disable=not (dist.is_main and progress_enabled(progress)))
     start = time.perf_counter()
     computed = 0
     for epoch, indices, layout in plans:

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from fastmeal.console import progress_enabled
 from fastmeal.data.common import SPLITS, DataError, Split, scan_split
 
 __all__ = ["INDEX_FORMAT", "DatasetIndex", "build_index", "read_image_sizes"]
@@ -111,7 +112,7 @@ def read_image_sizes(paths: list[str], *, workers: int = 0, progress: bool = Tru
     workers = workers or os.cpu_count() or 1
     chunks = [paths[i:i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
     sizes: list[tuple[int, int]] = []
-    with tqdm(total=len(paths), desc=desc, unit="file", disable=not progress, leave=False) as bar:
+    with tqdm(total=len(paths), desc=desc, unit="file", disable=not progress_enabled(progress), leave=False) as bar:
         if workers == 1 or len(paths) < _PARALLEL_FROM:
             for chunk in chunks:
                 sizes += _header_sizes(chunk)
