@@ -36,7 +36,6 @@ notes and stdout say so.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -138,11 +137,7 @@ def add_step_share(rows: list[dict], step_ms: dict[int, float], in_step: str) ->
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", help="write the result document here")
-    parser.add_argument("--quick", action="store_true", help="fewer repeats (and the smallest sizes on a CPU)")
-    parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 64 256 1024 on CUDA)")
-    parser.add_argument("--classes", type=int, default=1000)
+    parser = harness.loss_bench_parser(__doc__.splitlines()[0])
     parser.add_argument("--teachers", type=int, default=2)
     parser.add_argument("--teacher-dtype", choices=sorted(DTYPES), default="fp32",
                         help="the teacher logits' dtype (fp32: what the teacher engine hands the loss)")

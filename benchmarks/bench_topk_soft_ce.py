@@ -20,7 +20,6 @@ Without CUDA it is only a smoke run (Triton interpreter, tiny batches): the JSON
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
@@ -54,11 +53,7 @@ def _fwd_bwd(loss_fn, student, records, teachers, disc):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", help="write the result document here")
-    parser.add_argument("--quick", action="store_true", help="fewer repeats (and the smallest sizes on a CPU)")
-    parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 64 256 1024 on CUDA)")
-    parser.add_argument("--classes", type=int, default=1000)
+    parser = harness.loss_bench_parser(__doc__.splitlines()[0])
     parser.add_argument("--top-k", type=int, default=5)
     args = parser.parse_args(argv)
 

@@ -8,6 +8,7 @@ the measured rows. Speed is measured here and never asserted anywhere.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import os
@@ -22,6 +23,16 @@ from typing import Any
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def loss_bench_parser(description: str) -> argparse.ArgumentParser:
+    """The options every loss benchmark takes (bench_kd_loss, bench_topk_soft_ce); each adds its own."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--json", help="write the result document here")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (and the smallest sizes on a CPU)")
+    parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 64 256 1024 on CUDA)")
+    parser.add_argument("--classes", type=int, default=1000)
+    return parser
 
 
 def git_commit() -> str:

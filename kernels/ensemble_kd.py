@@ -36,6 +36,15 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
+def _row_log_softmax(row_ptr, cols, mask):
+    """``log_softmax`` of one row that fits a block, in fp32 (the fused kernels' student read)."""
+    # Padding lanes load -inf so that they add exp(-inf) = 0 to every softmax sum.
+    s = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    s_shift = s - tl.max(s, axis=0)
+    return s_shift - tl.log(tl.sum(tl.exp(s_shift), axis=0))
+
+
+@triton.jit
 def _ensemble_kd_fused_kernel(
     t_ptr, s_ptr, t_bar_ptr, grad_ptr, ce_ptr, kl_ptr,
     stride_tk, stride_tb, stride_sb, stride_t_bar_b, stride_grad_b,
@@ -47,10 +56,7 @@ def _ensemble_kd_fused_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < num_classes
 
-    # Padding lanes load -inf so that they add exp(-inf) = 0 to every softmax sum.
-    s = tl.load(s_ptr + row * stride_sb + cols, mask=mask, other=float("-inf")).to(tl.float32)
-    s_shift = s - tl.max(s, axis=0)
-    log_q = s_shift - tl.log(tl.sum(tl.exp(s_shift), axis=0))
+    log_q = _row_log_softmax(s_ptr + row * stride_sb, cols, mask)
 
     p = tl.zeros([BLOCK], dtype=tl.float32)
     t_sum = tl.zeros([BLOCK], dtype=tl.float32)

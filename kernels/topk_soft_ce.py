@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 # The online-softmax row reduction and the warp count are the ensemble-KD kernel's (same row shapes).
-from fastmeal.kernels.ensemble_kd import _num_warps, _outputs, _row_logsumexp
+from fastmeal.kernels.ensemble_kd import _num_warps, _outputs, _row_log_softmax, _row_logsumexp
 
 #: Rows up to this many classes (rounded up to a power of two) are processed as a single block.
 MAX_FUSED_BLOCK = 8192
@@ -72,9 +72,7 @@ def _topk_soft_ce_fused_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < num_classes
-    s = tl.load(s_ptr + row * stride_sb + cols, mask=mask, other=float("-inf")).to(tl.float32)
-    s_shift = s - tl.max(s, axis=0)
-    log_q = s_shift - tl.log(tl.sum(tl.exp(s_shift), axis=0))
+    log_q = _row_log_softmax(s_ptr + row * stride_sb, cols, mask)
     p, _u = _decoded_row(cols, mask, p_ptr + row * stride_pb, i_ptr + row * stride_ib, num_classes, K)
     tl.store(target_ptr + row * stride_target_b + cols, p, mask=mask)
     tl.store(grad_ptr + row * stride_grad_b + cols, ((tl.exp(log_q) - p) * inv_batch).to(grad_ptr.dtype.element_ty),

@@ -1,9 +1,8 @@
 """The fused ensemble-KD Triton kernel against a float64 reference (TRITON_INTERPRET=1 on the CPU)."""
 
-import os
-
 import pytest
 import torch
+from tiny import KERNEL_DEVICES
 
 from fastmeal.kernels.ensemble_kd import ensemble_kd, ensemble_kd_forward
 from fastmeal.losses import meal_v2_loss
@@ -13,13 +12,7 @@ from fastmeal.models.discriminator import Discriminator
 # and numpy warns about it; the selected values are what the tests check.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
-# Triton runs on CPU tensors only in the interpreter, which is switched on for the whole process
-# (tests/conftest.py does it when there is no GPU); on the GPU machine the same tests run on CUDA.
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                                 reason="Triton runs CPU tensors only under TRITON_INTERPRET=1")),
-    pytest.param("cuda", marks=pytest.mark.gpu),
-]
+DEVICES = KERNEL_DEVICES
 
 FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
 

@@ -1,9 +1,8 @@
 """The sparse-target (top-K) soft-CE Triton kernel against a float64 reference (TRITON_INTERPRET=1 on the CPU)."""
 
-import os
-
 import pytest
 import torch
+from tiny import KERNEL_DEVICES
 
 from fastmeal.kernels.topk_soft_ce import topk_soft_ce, topk_soft_ce_forward
 from fastmeal.losses import bank_meal_v2_loss, decode_topk
@@ -11,11 +10,7 @@ from fastmeal.models.discriminator import Discriminator
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                                 reason="Triton runs CPU tensors only under TRITON_INTERPRET=1")),
-    pytest.param("cuda", marks=pytest.mark.gpu),
-]
+DEVICES = KERNEL_DEVICES
 FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 # The float64 reference reads the same stored (rounded) inputs, so what is left is fp32 arithmetic

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,15 @@ from fastmeal.config import build_config
 from fastmeal.distributed import DistInfo
 from fastmeal.models.discriminator import Discriminator
 from fastmeal.trainer import Trainer
+
+# The devices a Triton kernel test runs on. Triton runs on CPU tensors only in the interpreter, which is
+# switched on for the whole process (tests/conftest.py does it when there is no GPU); on the GPU machine
+# the same tests run on CUDA.
+KERNEL_DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                                 reason="Triton runs CPU tensors only under TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=pytest.mark.gpu),
+]
 
 NUM_CLASSES = 5
 SIZE = 16
