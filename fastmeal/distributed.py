@@ -187,22 +187,39 @@ def _worker_ignored_signums() -> list[int]:
 
 @contextlib.contextmanager
 def worker_signals_blocked() -> Iterator[None]:
-    """Block :data:`WORKER_IGNORED_SIGNALS` in this thread while loader workers are started.
+    """Hold back :data:`WORKER_IGNORED_SIGNALS` while loader workers are started, in the workers and here.
 
     A child starts with its parent's signal mask, so a worker forked (or started from a forkserver that is
     itself started) inside this block holds those signals pending, not delivered, until
     :func:`ignore_preemption_signals` has made it ignore them. Without the block, a signal that arrives
     between the fork and ``worker_init_fn`` meets torch's worker handler (SIGTERM kills it) or Python's
-    (SIGINT raises in it), and the rank fails instead of stopping cleanly. The rank's own signals stay
-    pending meanwhile and reach its handlers when the block ends.
+    (SIGINT raises in it), and the rank fails instead of stopping cleanly.
+
+    Masking this thread does not hold the rank's own handlers back: the kernel hands a process-directed
+    signal to any thread that does not block it (torch's pin-memory or logging threads), and Python then
+    runs the handler in the main thread at its next bytecode, in the middle of DataLoader's ``__init__``
+    (a Ctrl-C there left an iterator without ``_workers`` and a traceback at exit). So, in the main thread,
+    the block also swaps in handlers that only note the signal, and replays what they noted through the
+    rank's own handlers once the workers are up.
     """
     import signal
+    import threading
 
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _worker_ignored_signums())
+    signums = _worker_ignored_signums()
+    noted: list[int] = []
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in signums:
+            handlers[signum] = signal.signal(signum, lambda got, _frame: noted.append(got))
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signums)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # what was pending here is noted now
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(noted):
+            signal.raise_signal(signum)  # the rank's handler, as if it had come now
 
 
 def ignore_preemption_signals(worker_id: int = 0) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn signature

@@ -175,6 +175,32 @@ def test_a_signal_that_reaches_a_starting_worker_waits_until_it_ignores_it(block
     assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
 
 
+def test_a_ctrl_c_while_workers_start_reaches_the_rank_after_the_block_not_inside_it():
+    """Another thread (pin memory, logging) takes the process's SIGINT while this thread masks it.
+
+    Python would then raise KeyboardInterrupt in this thread mid-block, in DataLoader's ``__init__``;
+    the block holds it back and raises it once the block is done.
+    """
+    import threading
+    import time
+
+    other = threading.Event()
+    helper = threading.Thread(target=other.wait, args=(30,), daemon=True)  # started unmasked
+    helper.start()
+    reached_the_end = False
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with worker_signals_blocked():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)  # the kernel has handed it to the helper; Python has checked for it
+                reached_the_end = True
+    finally:
+        other.set()
+        helper.join()
+    assert reached_the_end
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_a_process_that_leaves_loader_workers_running_still_exits():
     """Workers ignore SIGTERM, so multiprocessing's exit-time terminate() + join() alone would wait forever.
 

@@ -228,8 +228,8 @@ def _worker_errors_named(loader: DataLoader) -> Iterator:
     """Iterate ``loader``; a worker's CorruptImageError comes out with its own message, not the worker's traceback."""
     with worker_signals_blocked():  # workers started here ignore the rank's signals from their first instant
         iterator = iter(loader)
-    if getattr(iterator, "_workers", None):
-        LIVE_ITERATORS.add(iterator)
+        if getattr(iterator, "_workers", None):
+            LIVE_ITERATORS.add(iterator)
     while True:
         try:
             batch = next(iterator)
