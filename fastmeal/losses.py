@@ -60,10 +60,12 @@ def discriminator_targets(batch_size: int, device: torch.device) -> Tensor:
     # A normal tensor even when first asked for under inference_mode (an evaluation pass): an
     # inference tensor could not be saved for backward in later training steps.
     with torch.inference_mode(False), torch.no_grad():
-        targets = torch.zeros(2 * batch_size, 2, device=device)
-        targets[:batch_size, 0] = 1.0
-        targets[batch_size:, 1] = 1.0
-    return targets
+        return _build_targets(batch_size, device)
+
+
+def _build_targets(batch_size: int, device: torch.device) -> Tensor:
+    return torch.cat([torch.tensor([[1.0, 0.0]], device=device).expand(batch_size, 2),
+                      torch.tensor([[0.0, 1.0]], device=device).expand(batch_size, 2)])
 
 
 def discriminator_loss(discriminator: nn.Module, student_rows: Tensor, teacher_rows: Tensor) -> Tensor:
@@ -79,7 +81,10 @@ def discriminator_loss(discriminator: nn.Module, student_rows: Tensor, teacher_r
     """
     rows = torch.cat([student_rows.float(), teacher_rows.detach().float()])
     scores = discriminator(rows).float()
-    targets = discriminator_targets(student_rows.shape[0], scores.device)
+    if torch.compiler.is_compiling():  # traced into the graph (a constant there); Dynamo cannot use the cache
+        targets = _build_targets(student_rows.shape[0], scores.device)
+    else:
+        targets = discriminator_targets(student_rows.shape[0], scores.device)
     return F.binary_cross_entropy_with_logits(scores, targets)
 
 

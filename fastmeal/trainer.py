@@ -462,7 +462,7 @@ class Trainer:
         with phase("optimizer"):
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        return out
+        return {name: value.detach() for name, value in out.items()}  # for logging: no graph kept alive
 
     def _forward_backward(self, images: Tensor, teacher_logits: Tensor | None, labels: Tensor,
                           mix: tuple[float, Tensor] | None,
