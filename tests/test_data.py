@@ -253,6 +253,53 @@ def test_torchvision_workers_with_a_live_dali_pipeline(solid_root, caplog):
     assert "forkserver" in caplog.text
 
 
+def test_a_ctrl_c_while_the_workers_start_leaves_a_closable_iterator_and_no_traceback(solid_root, monkeypatch):
+    """Ctrl-C as the epoch's workers start, taken by another of the rank's threads (pin memory, logging).
+
+    It used to raise inside DataLoader's iterator ``__init__``: an iterator without ``_workers``, whose
+    ``__del__`` printed "Exception ignored ... AttributeError" at exit. Now the KeyboardInterrupt comes
+    once the workers are up, and closing the loaders ends them.
+    """
+    import gc
+    import multiprocessing
+    import signal
+    import sys
+    import threading
+    import time
+
+    from torch.utils.data import dataloader
+
+    from fastmeal.data import close_loaders
+
+    init = dataloader._MultiProcessingDataLoaderIter.__init__
+
+    def interrupted_init(self, loader):
+        os.kill(os.getpid(), signal.SIGINT)  # the kernel hands it to the helper thread: this one masks it
+        time.sleep(0.1)  # Python has had its chance to run the handler here
+        init(self, loader)
+
+    monkeypatch.setattr(dataloader._MultiProcessingDataLoaderIter, "__init__", interrupted_init)
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    other = threading.Event()
+    helper = threading.Thread(target=other.wait, args=(30,), daemon=True)
+    helper.start()
+    loader = build_loader(_cfg(solid_root, "torchvision", **{"data.workers": 2}), "train")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            next(iter(loader))
+    finally:
+        other.set()
+        helper.join()
+        close_loaders()
+    gc.collect()
+    assert not unraisable, [f"{u.exc_type.__name__}: {u.exc_value}" for u in unraisable]
+    deadline = time.monotonic() + 10
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not multiprocessing.active_children()  # both workers were started and have ended
+
+
 def test_shards_are_the_same_on_both_backends(id_root):
     shards = {}
     for backend in BACKENDS:
