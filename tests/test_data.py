@@ -137,6 +137,7 @@ def test_images_dtype_rule():
 def test_backend_choice(monkeypatch, caplog, solid_root):
     assert choose_backend("torchvision") == "torchvision"
     assert choose_backend("auto") == "dali"  # DALI is installed in this environment
+    monkeypatch.setattr("fastmeal.data._announced", set())  # said once per process: maybe said before this test
     with caplog.at_level(logging.INFO, logger="fastmeal.data"):
         loader = build_loader(_cfg(solid_root, "auto"), "val")
     assert loader.backend == "dali" and "chose dali" in caplog.text

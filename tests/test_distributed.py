@@ -151,7 +151,7 @@ def test_loader_workers_ignore_preemption_signals_meant_for_their_rank():
 
 def _late_ignoring_worker(go) -> None:
     """A worker that makes itself ignore the signals only after its parent has signalled it."""
-    go.wait(30)
+    go.poll(30)  # a pipe, not an Event: a worker killed inside Event.wait leaves Event.set waiting for it forever
     ignore_preemption_signals()
 
 
@@ -162,13 +162,13 @@ def test_a_signal_that_reaches_a_starting_worker_waits_until_it_ignores_it(block
     The control (no block) shows the window is real: the same worker dies of the signal.
     """
     context = multiprocessing.get_context("fork")
-    go = context.Event()
+    go, say_go = context.Pipe(duplex=False)
     worker = context.Process(target=_late_ignoring_worker, args=(go,))
     with worker_signals_blocked() if blocked else contextlib.nullcontext():
         worker.start()
     os.kill(worker.pid, signal.SIGTERM)  # before it ignores anything
     os.kill(worker.pid, signal.SIGINT)
-    go.set()
+    say_go.send(True)
     worker.join(30)
     assert worker.exitcode == (0 if blocked else -signal.SIGTERM)
     # The parent's own mask is back as it was: the rank still receives its signals.
