@@ -64,8 +64,8 @@ def discriminator_targets(batch_size: int, device: torch.device) -> Tensor:
 
 
 def _build_targets(batch_size: int, device: torch.device) -> Tensor:
-    return torch.cat([torch.tensor([[1.0, 0.0]], device=device).expand(batch_size, 2),
-                      torch.tensor([[0.0, 1.0]], device=device).expand(batch_size, 2)])
+    teacher_row = torch.arange(2 * batch_size, device=device) >= batch_size  # device ops only: no host tensor
+    return torch.stack([~teacher_row, teacher_row], dim=1).float()
 
 
 def discriminator_loss(discriminator: nn.Module, student_rows: Tensor, teacher_rows: Tensor) -> Tensor:
