@@ -21,6 +21,7 @@ import os
 import shutil
 import socket
 import time
+import weakref
 from pathlib import Path
 
 log = logging.getLogger("fastmeal.rundir")
@@ -42,6 +43,10 @@ class RunDirVanishedError(RuntimeError):
 class RunDirLock:
     """An exclusive ``flock`` on ``RUN_DIR/.lock``, released by the kernel when the process dies.
 
+    A ``flock`` belongs to the open file, which a forked child (a DataLoader worker) shares; so a forked
+    child drops its copy at once (:func:`_drop_locks_in_child`), and the lock ends with the process that
+    took it, not with the last of its children.
+
     Args:
         run_dir: the run directory (created if needed).
     """
@@ -51,6 +56,7 @@ class RunDirLock:
         self.path = self.run_dir / LOCK_NAME
         self._fd: int | None = None
         self._inode: int | None = None
+        _LOCKS.add(self)
 
     @property
     def held(self) -> bool:
@@ -101,9 +107,28 @@ class RunDirLock:
     def release(self) -> None:
         # The file stays: unlinking it would let a third process lock a new file while a second waits on the old.
         if self._fd is not None:
+            with contextlib.suppress(OSError, ImportError):
+                import fcntl
+
+                fcntl.flock(self._fd, fcntl.LOCK_UN)  # for every sharer of the open file, not only this fd
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
+
+
+_LOCKS: weakref.WeakSet[RunDirLock] = weakref.WeakSet()
+
+
+def _drop_locks_in_child() -> None:
+    """After a fork, in the child: close its copies of the held locks' files (the parent keeps the locks)."""
+    for lock in list(_LOCKS):
+        if lock._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(lock._fd)
+            lock._fd = None
+
+
+os.register_at_fork(after_in_child=_drop_locks_in_child)
 
 
 def _read_holder(fd: int) -> str:

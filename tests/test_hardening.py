@@ -270,6 +270,44 @@ def test_the_lock_of_a_sigkilled_run_is_released_and_its_temporaries_removed(dat
     assert not dead.exists()
 
 
+def test_the_lock_ends_with_the_run_not_with_a_forked_child_that_outlives_it(tmp_path):
+    """A flock belongs to the open file, which forked children share: a child left alive kept it held."""
+    from fastmeal.rundir import RunDirError, RunDirLock
+
+    script = textwrap.dedent("""
+        import multiprocessing, os, sys, time
+        from fastmeal.rundir import RunDirLock
+        lock = RunDirLock(sys.argv[1]).acquire()
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+        child.start()
+        print(child.pid, flush=True)
+        if sys.argv[2] == "release":
+            lock.release()
+            time.sleep(60)  # alive, the lock released, the child still running
+        os._exit(0)  # dies holding the lock (as a SIGKILL would), the child left behind
+    """)
+    for how in ("die", "release"):
+        run_dir = tmp_path / how
+        proc = subprocess.Popen([sys.executable, "-c", script, str(run_dir), how], stdout=subprocess.PIPE, text=True,
+                                env=ENV, start_new_session=True)
+        try:
+            child = int(proc.stdout.readline())
+            if how == "die":
+                proc.wait(30)
+            assert os.kill(child, 0) is None  # still alive
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    RunDirLock(run_dir).acquire().release()
+                    break
+                except RunDirError:
+                    assert time.monotonic() < deadline, f"{how}: the lock is still held with the child alive"
+                    time.sleep(0.05)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+
+
 # --------------------------------------------------------------------------------------------
 # 4. NaN / inf
 # --------------------------------------------------------------------------------------------

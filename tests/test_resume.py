@@ -62,8 +62,7 @@ class StopAt(TrainerHook):
 
 
 def _run(cfg, *hooks, resume: str = "") -> Trainer:
-    """What ``fastmeal train`` does: build, resume, fit, and end the loaders' workers on every exit path
-    (while they live they hold an inherited copy of the run dir's lock)."""
+    """What ``fastmeal train`` does: build, resume, fit, and end the loaders' workers on every exit path."""
     try:
         trainer = build_trainer(cfg, hooks=list(hooks))
         trainer.resume(resume)
