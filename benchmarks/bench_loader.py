@@ -27,6 +27,10 @@ its threads and its worker processes used instead (on a shared machine the wall 
 other users' load, the CPU time much less). The DALI/torchvision ratios per split are stored with the
 rows.
 
+``--isolate`` takes the variants out of each other's way: every timed run is a fresh process that builds
+only its variant (warm-up included), and the order alternates repeat by repeat. On a 2-core machine the
+in-process turns depend on which loader was built first (benchmarks/README.md); isolated runs do not.
+
 Usage::
 
     python benchmarks/bench_loader.py --data DIR [--backend both|dali|torchvision] [--workers N]
@@ -173,6 +177,43 @@ def _warm_page_cache(root: str) -> tuple[int, int]:
     return files, total
 
 
+def _isolated_rows(args: argparse.Namespace, split: str, keys: list[str]) -> list[dict]:
+    """``--isolate``: each repeat of each variant measured by a child process that builds only that variant.
+
+    The order of the variants alternates repeat by repeat (A B, B A, ...), so a drift of the machine's speed
+    hits them alike. The rows are the children's, their repeats pooled (medians over all of them).
+    """
+    import json
+    import subprocess
+    import tempfile
+
+    common = ["--data", args.data, "--backend", args.backend, "--device", args.device, "--workers", str(args.workers),
+              "--batch", str(args.batch), "--image-size", str(args.image_size), "--prefetch", str(args.prefetch),
+              "--warmup", str(args.warmup), "--batches", str(args.batches), "--splits", split, "--repeats", "1",
+              "--hw-decoder-loads", *map(str, args.hw_decoder_loads)]
+    runs: dict[str, list[dict]] = {key: [] for key in keys}
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(args.repeats):
+            for key in keys if repeat % 2 == 0 else keys[::-1]:
+                out = Path(tmp) / "row.json"
+                subprocess.run([sys.executable, __file__, *common, "--variant", key, "--json", str(out)], check=True,
+                               stdout=subprocess.DEVNULL)
+                runs[key].append(json.loads(out.read_text())["rows"][0])
+    rows = []
+    for key in keys:
+        row = dict(runs[key][0])
+        r = [x for run in runs[key] for x in run["all_images_per_s"]]
+        c = [x for run in runs[key] for x in run["all_images_per_cpu_s"]]
+        row.update(images_per_s=statistics.median(r), min_images_per_s=min(r), max_images_per_s=max(r),
+                   images_per_cpu_s=statistics.median(c), repeats=len(r), all_images_per_s=r, all_images_per_cpu_s=c)
+        if "source_ms_per_batch" in row:
+            row["source_ms_per_batch"] = statistics.mean(run["source_ms_per_batch"] for run in runs[key])
+        rows.append(row)
+        print(f"{key:18s} {split:5s} {row['images_per_s']:9.1f} img/s  (min {min(r):.1f}, max {max(r):.1f}, "
+              f"{len(r)} processes)  {row['images_per_cpu_s']:8.1f} img/CPU-s", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True, help="ImageFolder root with train/ and val/")
@@ -193,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
                         "pre-plan fused random crop")
     parser.add_argument("--fused-first", action="store_true", help="build and run the fused variant of each backend "
                         "before the plan (the order matters on a small shared machine: run both)")
+    parser.add_argument("--isolate", action="store_true", help="each timed run in a fresh process that builds only "
+                        "that variant (alternating the order repeat by repeat): nothing else alive in the process, "
+                        "no build order")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)  # --isolate's child: measure only this variant
     parser.add_argument("--note", action="append", default=[], help="a note stored with the result (repeatable)")
     args = parser.parse_args(argv)
 
@@ -230,6 +275,11 @@ def main(argv: list[str] | None = None) -> int:
         # Built (and first run) in this order: torchvision first, then plan before fused unless --fused-first.
         # The order moves the plan/fused ratio on a shared 2-core machine by up to ~25 % (benchmarks/README.md).
         split_variants.sort(key=lambda v: (v[1] != "torchvision", v[0].endswith(FUSED) != args.fused_first))
+        if args.variant:
+            split_variants = [v for v in split_variants if v[0] == args.variant]
+        if args.isolate:
+            rows += _isolated_rows(args, split, [key for key, _, _ in split_variants])
+            continue
         streams, meta, timers = {}, {}, {}
         for key, backend, overrides in split_variants:
             if key.endswith(FUSED):
@@ -291,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"data": os.path.abspath(args.data), "num_files": num_files, "mean_file_kib": mean_kib,
                 "split_sizes": sizes, "device": str(device), "workers": args.workers, "batch": batch,
                 "image_size": args.image_size, "eval_resize": cfg.data.resolved_eval_resize,
-                "prefetch": args.prefetch, "fused_first": args.fused_first, "precision": cfg.precision.mode,
+                "prefetch": args.prefetch, "fused_first": args.fused_first, "isolated": args.isolate,
+                "precision": cfg.precision.mode,
                 "torch_threads": torch.get_num_threads(),
                 "load_average_1m_before_after": [load_before[0], os.getloadavg()[0]]}
     if max(load_before[0], os.getloadavg()[0]) > 0.5 * (os.cpu_count() or 1):
