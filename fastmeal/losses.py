@@ -81,7 +81,7 @@ def discriminator_loss(discriminator: nn.Module, student_rows: Tensor, teacher_r
     """
     rows = torch.cat([student_rows.float(), teacher_rows.detach().float()])
     scores = discriminator(rows).float()
-    if torch.compiler.is_compiling():  # traced into the graph (a constant there); Dynamo cannot use the cache
+    if torch.compiler.is_compiling():  # built inside the compiled graph: Dynamo does not trace through the cache
         targets = _build_targets(student_rows.shape[0], scores.device)
     else:
         targets = discriminator_targets(student_rows.shape[0], scores.device)
