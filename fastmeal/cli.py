@@ -216,18 +216,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="add grayscale, CMYK, progressive JPEGs and a PNG named .JPEG, as ImageNet has")
     synth.add_argument("--workers", type=int, default=1, help="processes (the files do not depend on it)")
     synth.add_argument("--no-progress", action="store_true")
-    synth.set_defaults(func=cmd_data_synth)
+    synth.set_defaults(func=cmd_data_synth, preload=("fastmeal.data",))
     check = data.add_parser("check", help="count images and list every problem by path (exit 1 on problems)")
     check.add_argument("dir")
     check.add_argument("--workers", type=int, default=1, help="processes decoding files in parallel")
     check.add_argument("--no-progress", action="store_true")
-    check.set_defaults(func=cmd_data_check)
+    check.set_defaults(func=cmd_data_check, preload=("fastmeal.data",))
 
     train = sub.add_parser("train", help="train (MEAL V2 distillation, or hard labels with loss.mode=ce)")
     _add_config_args(train)
     train.add_argument("--resume", metavar="auto|PATH",
                        help="continue from the newest valid checkpoint of the run dir (auto) or from PATH")
-    train.set_defaults(func=cmd_train)
+    train.set_defaults(func=cmd_train, preload=TRAINING)
 
     bank = sub.add_parser("bank", help="the soft-label bank: teacher outputs stored once, replayed by students")
     bank_sub = bank.add_subparsers(dest="action", required=True)
@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--epochs", metavar="A:B", help="build epochs A..B-1 only (default: schedule.epochs)")
     build.add_argument("--top-k", type=int, metavar="K", help="probabilities kept per record (default bank.top_k=5)")
     build.add_argument("--no-progress", action="store_true")
-    build.set_defaults(func=cmd_bank_build)
+    build.set_defaults(func=cmd_bank_build, preload=TRAINING)
 
     ev = sub.add_parser("eval", help="top-1/top-5 of a model on a val split (single centre crop, SPEC protocol)")
     _add_config_args(ev)
@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fp32 (default, the reference's numerics) or autocast")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
     ev.add_argument("--no-progress", action="store_true")
-    ev.set_defaults(func=cmd_eval)
+    ev.set_defaults(func=cmd_eval, preload=TRAINING)
 
     report = sub.add_parser("report", help="figures, report.html and report.md of run dirs (needs matplotlib)")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run dirs (runtime.run_dir); several share "
@@ -268,11 +268,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the dataset and of every training run")
     demo.add_argument("--no-progress", action="store_true")
-    demo.set_defaults(func=cmd_demo)
+    demo.set_defaults(func=cmd_demo, preload=TRAINING)
     return parser
 
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 130, 141
+
+# What a command imports first, with Ctrl-C held back until the imports are done (main). torch, numpy,
+# timm and torchvision take seconds to import; a Ctrl-C inside one leaves it half-imported and unusable.
+TRAINING = ("fastmeal.trainer",)
+
+
+def _preload(modules: tuple[str, ...]) -> None:
+    import importlib
+    import signal
+
+    from fastmeal.signals import signals_deferred
+
+    with signals_deferred([signal.SIGINT]):
+        for module in modules:
+            importlib.import_module(module)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _preload(getattr(args, "preload", ()))
         code = args.func(args)
         sys.stdout.flush()  # here, not at interpreter exit, so that a closed pipe is handled below
         return code
@@ -316,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_FAILED
     finally:
-        from fastmeal.data import close_loaders
-
-        close_loaders()
+        # Not imported yet (a Ctrl-C during start-up, maybe inside torch's import): no loader to close, and
+        # importing it now would meet a half-imported torch.
+        data = sys.modules.get("fastmeal.data")
+        if data is not None:
+            data.close_loaders()

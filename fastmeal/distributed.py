@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fastmeal.config import ConfigError
+from fastmeal.signals import signals_deferred
 
 if TYPE_CHECKING:
     from fastmeal.config import DataConfig
@@ -198,28 +199,19 @@ def worker_signals_blocked() -> Iterator[None]:
     Masking this thread does not hold the rank's own handlers back: the kernel hands a process-directed
     signal to any thread that does not block it (torch's pin-memory or logging threads), and Python then
     runs the handler in the main thread at its next bytecode, in the middle of DataLoader's ``__init__``
-    (a Ctrl-C there left an iterator without ``_workers`` and a traceback at exit). So, in the main thread,
-    the block also swaps in handlers that only note the signal, and replays what they noted through the
-    rank's own handlers once the workers are up.
+    (a Ctrl-C there left an iterator without ``_workers`` and a traceback at exit). So the rank's handlers
+    are deferred too (:func:`fastmeal.signals.signals_deferred`): what arrives is handled once the workers
+    are up.
     """
     import signal
-    import threading
 
     signums = _worker_ignored_signums()
-    noted: list[int] = []
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        for signum in signums:
-            handlers[signum] = signal.signal(signum, lambda got, _frame: noted.append(got))
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signums)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # what was pending here is noted now
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-        for signum in dict.fromkeys(noted):
-            signal.raise_signal(signum)  # the rank's handler, as if it had come now
+    with signals_deferred(signums):
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, signums)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # what was pending is noted, then raised again
 
 
 def ignore_preemption_signals(worker_id: int = 0) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn signature

@@ -630,6 +630,44 @@ def test_ctrl_c_prints_one_line_and_exits_130(data, tmp_path):
     assert rc == 130 and "interrupted (Ctrl-C)" in one_error_line(err)
 
 
+_CTRL_C_IN_TORCH_IMPORT = textwrap.dedent("""
+    import os, signal, sys
+    from fastmeal.cli import main
+
+    how = sys.argv.pop(1)
+    assert "torch" not in sys.modules  # the CLI imports it inside the command
+
+
+    class CtrlC:  # Ctrl-C while torch imports its submodules (start-up takes seconds)
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch.multiprocessing":
+                sys.meta_path.remove(self)
+                if how == "raised":  # as if Python had turned a SIGINT into KeyboardInterrupt right here
+                    raise KeyboardInterrupt
+                os.kill(os.getpid(), signal.SIGINT)  # the real thing: Python raises at its next bytecode
+            return None
+
+
+    sys.meta_path.insert(0, CtrlC())
+    code = main()
+    if how == "signal":  # the import was let finish: torch works after the Ctrl-C
+        import torch
+
+        print(torch.ones(2).sum().item())
+    raise SystemExit(code)
+""")
+
+
+@pytest.mark.parametrize("how", ["signal", "raised"])
+def test_ctrl_c_during_start_up_inside_torchs_import_is_the_same_one_line(data, tmp_path, how):
+    """A SIGINT during the start-up imports waits until they are done (a half-imported torch breaks every later
+    import of it, the exit path's included); a KeyboardInterrupt raised inside one is still one line."""
+    rc, out, err = run([how, *train_args(data, tmp_path / "run")], script=_CTRL_C_IN_TORCH_IMPORT)
+    assert rc == 130 and "interrupted (Ctrl-C)" in one_error_line(err)
+    assert out.strip() == ("2.0" if how == "signal" else "")
+    assert not (tmp_path / "run").exists()  # stopped before the run began
+
+
 def test_a_full_disk_is_one_line_naming_the_file_and_the_free_space(data, tmp_path, capsys, monkeypatch):
     import fastmeal.checkpoint
 
