@@ -33,6 +33,7 @@ import os
 import random
 import re
 import shutil
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +41,8 @@ from typing import IO, Any
 
 import numpy as np
 import torch
+
+from fastmeal.signals import signals_deferred
 
 FORMAT = "fastmeal-checkpoint"
 VERSION = 1
@@ -445,6 +448,13 @@ class CheckpointManager:
         """
         if not self.enabled:
             return None
+        # A Ctrl-C waits for the save (seconds at most) and then stops the run with it on disk: cut inside
+        # torch.save it would be wasted, and torch turns it into a RuntimeError of its zip writer.
+        with signals_deferred([signal.SIGINT]):
+            return self._save(state, global_step=global_step, top1=top1, save=save)
+
+    def _save(self, state: dict[str, Any], *, global_step: int, top1: float | None,
+              save: Callable[[Any, Any], None]) -> Path:
         if "is_best" not in state:
             best = self.best_top1()
             state = {**state, "top1": top1, "is_best": top1 is not None and (best is None or top1 > best)}

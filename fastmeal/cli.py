@@ -279,6 +279,23 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1,
 TRAINING = ("fastmeal.trainer",)
 
 
+def _interrupted() -> int:
+    print("fastmeal: interrupted (Ctrl-C); checkpoints already written are intact: continue a training run "
+          "with --resume auto", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _raised_while_interrupted(err: BaseException) -> bool:
+    """Whether ``err`` came while a KeyboardInterrupt was being handled (its context chain holds one)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def _preload(modules: tuple[str, ...]) -> None:
     import importlib
     import signal
@@ -309,15 +326,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastmeal: config error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("fastmeal: interrupted (Ctrl-C); checkpoints already written are intact: continue a training run "
-              "with --resume auto", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _interrupted()
     except BrokenPipeError:
         # The reader (`| head`) is gone: say nothing more, and keep Python's exit-time flush from failing too.
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
     except Exception as err:
+        if _raised_while_interrupted(err):  # a library's clean-up failed on the way out of a Ctrl-C
+            return _interrupted()
         if isinstance(err, _user_errors()):
             return _report_user_error(err)
         if isinstance(err, _failures()):

@@ -630,6 +630,21 @@ def test_ctrl_c_prints_one_line_and_exits_130(data, tmp_path):
     assert rc == 130 and "interrupted (Ctrl-C)" in one_error_line(err)
 
 
+def test_an_error_raised_on_the_way_out_of_a_ctrl_c_is_the_ctrl_c(data, tmp_path, capsys, monkeypatch):
+    """torch.save cut by Ctrl-C raises its zip writer's RuntimeError from the KeyboardInterrupt: still 130, one line."""
+    import fastmeal.cli
+
+    def train_cut_in_a_library(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1881280 vs 1881168")
+
+    monkeypatch.setattr(fastmeal.cli, "cmd_train", train_cut_in_a_library)
+    assert main(train_args(data, tmp_path / "run")) == 130
+    assert "interrupted (Ctrl-C)" in one_error_line(capsys.readouterr().err)
+
+
 _CTRL_C_IN_TORCH_IMPORT = textwrap.dedent("""
     import os, signal, sys
     from fastmeal.cli import main
