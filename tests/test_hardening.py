@@ -638,7 +638,7 @@ def test_an_error_raised_on_the_way_out_of_a_ctrl_c_is_the_ctrl_c(data, tmp_path
         try:
             raise KeyboardInterrupt
         except KeyboardInterrupt:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1881280 vs 1881168")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1881280 vs 1881168")  # noqa: B904 - implicit context, as torch raises it
 
     monkeypatch.setattr(fastmeal.cli, "cmd_train", train_cut_in_a_library)
     assert main(train_args(data, tmp_path / "run")) == 130
