@@ -276,7 +276,8 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1,
 
 # What a command imports first, with Ctrl-C held back until the imports are done (main). torch, numpy,
 # timm and torchvision take seconds to import; a Ctrl-C inside one leaves it half-imported and unusable.
-TRAINING = ("fastmeal.trainer",)
+# DALI's torch plugin even swallows it: the run trained on. A name ending in "?" is imported when installed.
+TRAINING = ("fastmeal.trainer", "nvidia.dali.fn?", "nvidia.dali.plugin.pytorch?")
 
 
 def _interrupted() -> int:
@@ -297,14 +298,25 @@ def _raised_while_interrupted(err: BaseException) -> bool:
 
 
 def _preload(modules: tuple[str, ...]) -> None:
-    import importlib
+    import importlib.util
     import signal
 
     from fastmeal.signals import signals_deferred
 
     with signals_deferred([signal.SIGINT]):
         for module in modules:
+            if module.endswith("?") and not _installed(module := module[:-1]):
+                continue
             importlib.import_module(module)
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a parent package is absent (no `nvidia` namespace at all)
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

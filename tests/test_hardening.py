@@ -649,13 +649,13 @@ _CTRL_C_IN_TORCH_IMPORT = textwrap.dedent("""
     import os, signal, sys
     from fastmeal.cli import main
 
-    how = sys.argv.pop(1)
+    how, where = sys.argv.pop(1), sys.argv.pop(1)
     assert "torch" not in sys.modules  # the CLI imports it inside the command
 
 
-    class CtrlC:  # Ctrl-C while torch imports its submodules (start-up takes seconds)
+    class CtrlC:  # Ctrl-C while torch (or DALI) imports its submodules (start-up takes seconds)
         def find_spec(self, name, path=None, target=None):
-            if name == "torch.multiprocessing":
+            if name == where:
                 sys.meta_path.remove(self)
                 if how == "raised":  # as if Python had turned a SIGINT into KeyboardInterrupt right here
                     raise KeyboardInterrupt
@@ -673,11 +673,15 @@ _CTRL_C_IN_TORCH_IMPORT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("how", ["signal", "raised"])
-def test_ctrl_c_during_start_up_inside_torchs_import_is_the_same_one_line(data, tmp_path, how):
+@pytest.mark.parametrize(("how", "where"), [
+    ("signal", "torch.multiprocessing"), ("raised", "torch.multiprocessing"),
+    pytest.param("signal", "nvidia.dali.plugin.pytorch", marks=pytest.mark.dali)])  # DALI's swallowed it
+def test_ctrl_c_during_start_up_inside_torchs_import_is_the_same_one_line(data, tmp_path, how, where):
     """A SIGINT during the start-up imports waits until they are done (a half-imported torch breaks every later
     import of it, the exit path's included); a KeyboardInterrupt raised inside one is still one line."""
-    rc, out, err = run([how, *train_args(data, tmp_path / "run")], script=_CTRL_C_IN_TORCH_IMPORT)
+    backend = "dali" if where.startswith("nvidia") else "torchvision"
+    rc, out, err = run([how, where, *train_args(data, tmp_path / "run", f"data.backend={backend}")],
+                       script=_CTRL_C_IN_TORCH_IMPORT)
     assert rc == 130 and "interrupted (Ctrl-C)" in one_error_line(err)
     assert out.strip() == ("2.0" if how == "signal" else "")
     assert not (tmp_path / "run").exists()  # stopped before the run began
