@@ -39,6 +39,18 @@ NUM_CLASSES = 5
 SIZE = 16
 
 
+def assert_loss_paths_agree(out: dict, ref: dict, students: tuple, discriminators: tuple, tol: dict) -> None:
+    """Two implementations of one loss (triton ``out`` vs torch ``ref``): every part, then the gradients
+    of the student rows and of each discriminator after the same ``backward``."""
+    for key in ref:
+        torch.testing.assert_close(out[key], ref[key], **tol)
+    (1.5 * out["loss"]).backward()
+    (1.5 * ref["loss"]).backward()
+    torch.testing.assert_close(students[0].grad, students[1].grad, rtol=1e-4, atol=1e-7)
+    for p_out, p_ref in zip(discriminators[0].parameters(), discriminators[1].parameters(), strict=True):
+        torch.testing.assert_close(p_out.grad, p_ref.grad, **tol)
+
+
 @pytest.fixture()
 def one_intraop_thread():
     """One intra-op thread for the test: tiny convolutions gain nothing from more, and on a loaded 2-core
