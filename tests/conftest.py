@@ -1,6 +1,7 @@
 """Shared test set-up: CPU-friendly defaults and the `gpu` marker."""
 
 import os
+import signal
 
 # OpenMP threads that spin while waiting make tiny CPU ops 30-100x slower when the cores are shared
 # (loader workers, forked ranks, other jobs); it must be set before torch starts its thread pool.
@@ -15,6 +16,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# A job started with `&` by a non-interactive shell (a CI runner, `nohup`, a script) inherits SIGINT as
+# ignored, and Python then leaves it ignored: Ctrl-C would do nothing in this process and in every
+# `fastmeal` the tests start (an ignored signal stays ignored across fork and exec). The Ctrl-C tests
+# are about a terminal's Ctrl-C, so give this process the handler an interactive start has; its
+# children then start with SIGINT at its default, as they would from a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _dali_available() -> bool:
