@@ -12,6 +12,7 @@ import sys
 import traceback
 
 from fastmeal.config import PRESETS, ConfigError, build_config, parse_set_args, to_toml
+from fastmeal.signals import ctrl_c_remembered
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default_preset: str = "r50_224") -> None:
@@ -333,8 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        _preload(getattr(args, "preload", ()))
-        code = args.func(args)
+        with ctrl_c_remembered():
+            _preload(getattr(args, "preload", ()))
+            code = args.func(args)
         sys.stdout.flush()  # here, not at interpreter exit, so that a closed pipe is handled below
         return code
     except ConfigError as err:

@@ -21,6 +21,7 @@ from fastmeal.config import Config
 from fastmeal.console import progress_enabled
 from fastmeal.metrics import DeviceMeans, topk_correct
 from fastmeal.profiling import phase
+from fastmeal.signals import raise_if_interrupted
 
 log = logging.getLogger("fastmeal.evaluate")
 
@@ -83,6 +84,7 @@ def evaluate(model: nn.Module, loader: Any, *, device: torch.device, autocast_dt
     try:
         bar = tqdm(loader, desc=desc, disable=not progress_enabled(progress), leave=False, dynamic_ncols=True)
         for images, labels in bar:
+            raise_if_interrupted()
             with phase("eval"):
                 with autocast_context(device, autocast_dtype):
                     logits = model(images.contiguous(memory_format=memory_format))

@@ -59,6 +59,7 @@ from fastmeal.metrics import (
 from fastmeal.models.factory import load_state_dict_checked, model_num_classes
 from fastmeal.profiling import phase
 from fastmeal.rundir import RunDirError, RunDirLock, RunDirVanishedError, clear_run, previous_run
+from fastmeal.signals import raise_if_interrupted
 
 log = logging.getLogger("fastmeal.trainer")
 
@@ -559,6 +560,7 @@ class Trainer:
         epoch_sums: dict[str, float] = {}
         epoch_samples = 0
         while self.step_in_epoch < num_steps:
+            raise_if_interrupted()
             for hook in self.hooks:
                 hook.before_step(self)
             fetch = time.perf_counter()

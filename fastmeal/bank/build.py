@@ -32,6 +32,7 @@ from fastmeal.config import Config
 from fastmeal.console import progress_enabled
 from fastmeal.distributed import DistInfo, barrier
 from fastmeal.losses import decode_topk
+from fastmeal.signals import raise_if_interrupted
 
 log = logging.getLogger("fastmeal.bank")
 
@@ -231,6 +232,7 @@ def _compute_chunk(loader: Any, teachers: Callable[[Tensor], Tensor], epoch: int
     loader.set_epoch(epoch, start_step=first_step)
     filled = 0
     for step, (images, _labels) in enumerate(loader, start=first_step):
+        raise_if_interrupted()
         n = len(indices[step * batch:(step + 1) * batch])
         if n != images.shape[0]:
             raise RuntimeError(f"epoch {epoch} step {step}: the loader gave {images.shape[0]} images for {n} "
