@@ -76,15 +76,18 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
+import fastmeal.objectives  # noqa: E402
 import fastmeal.trainer  # noqa: E402
+from fastmeal.batch import Batch  # noqa: E402
 from fastmeal.config import Config, build_config  # noqa: E402
 from fastmeal.data import build_loader, dali_available  # noqa: E402
 from fastmeal.data.common import scan_split  # noqa: E402
 from fastmeal.data.torchvision import build_transform  # noqa: E402
 from fastmeal.losses import reference_meal_v2_loss  # noqa: E402
 from fastmeal.models.factory import build_discriminator, build_student, build_teachers, create_model  # noqa: E402
+from fastmeal.objectives import Objective, build_objective  # noqa: E402
 from fastmeal.profiling import phase  # noqa: E402
-from fastmeal.trainer import DistillationModel, Trainer, build_optimizer  # noqa: E402
+from fastmeal.trainer import TrainedModel, Trainer, build_optimizer  # noqa: E402
 
 MODES = ("reference", "fastmeal", "fastmeal_eager", "bank")
 BANK_TOP_K = 5
@@ -290,14 +293,14 @@ def matmul_peak(device: torch.device) -> dict[str, float]:
 def timed_phases(device: torch.device) -> Iterator[dict[str, float]]:
     """Time every ``phase(name)`` block of the trainer and of this script, synchronising around each.
 
-    ``fastmeal.trainer`` and this module look ``phase`` up as a module global when a step runs, so
-    swapping it for a timing wrapper measures the product's own step unchanged (the NVTX range is
+    ``fastmeal.trainer``, ``fastmeal.objectives`` and this module look ``phase`` up as a module global when a
+    step runs, so swapping it for a timing wrapper measures the product's own step unchanged (the NVTX range is
     still emitted). The yielded dict accumulates seconds per phase name; the originals are restored
     on exit.
     """
     seconds: dict[str, float] = {}
     original = phase
-    modules = [fastmeal.trainer, sys.modules[__name__]]
+    modules = [fastmeal.trainer, fastmeal.objectives, sys.modules[__name__]]
 
     @contextlib.contextmanager
     def timed(name: str, enabled: bool | None = None) -> Iterator[None]:
@@ -382,9 +385,9 @@ class ReferenceRun:
         # Single-process DataParallel, as the reference; with one GPU it scatters the batch and calls the module.
         self.parallel = nn.DataParallel(self.model, device_ids=[device.index or 0]) if device.type == "cuda" \
             else self.model
-        # Only the parameter groups come from DistillationModel: torch's default SGD (optim.impl=torch).
+        # Only the parameter groups come from TrainedModel: torch's default SGD (optim.impl=torch).
         ref_cfg = cfg.replace({"optim.impl": "torch"})
-        self.optimizer = build_optimizer(ref_cfg, DistillationModel(self.model.student, self.discriminator),
+        self.optimizer = build_optimizer(ref_cfg, TrainedModel(self.model.student, Objective(self.discriminator)),
                                          device)
         data = cfg.data
         dataset = ImageFolder(os.path.join(data.root, "train"),
@@ -429,7 +432,8 @@ class FastmealRun:
 
         self.loader = build_loader(cfg, "train", device=device)
         self.loader_backend = self.loader.backend
-        self.trainer = Trainer(cfg, student=student, discriminator=discriminator, teachers=teachers,
+        self.trainer = Trainer(cfg, student=student, objective=build_objective(cfg, device=device, teachers=teachers,
+                                                                                  discriminator=discriminator),
                                train_loader=self.loader, val_loader=None, dist=DistInfo(device=device),
                                run_dir=run_dir)
         self.trainer.model.train()
@@ -442,7 +446,7 @@ class FastmealRun:
 
     def step(self, images: Tensor, labels: Tensor) -> None:
         """One product step: teachers, student forward, loss, backward, optimiser (no host sync)."""
-        self.trainer.train_step(images, labels)
+        self.trainer.train_step(Batch(images, labels))
 
 
 class BankRun(FastmealRun):
@@ -469,8 +473,8 @@ class BankRun(FastmealRun):
     def step(self, images: Tensor, labels: Tensor) -> None:
         """One bank step: the batch's records to the device, student forward, sparse-target loss, backward, SGD."""
         n = images.shape[0]
-        records = tuple(t[:n].to(self.trainer.device, non_blocking=True) for t in self._host)
-        self.trainer.train_step(images, labels, records)
+        probs, classes = (t[:n].to(self.trainer.device, non_blocking=True) for t in self._host)
+        self.trainer.train_step(Batch(images, labels, {"probs": probs, "classes": classes}))
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import os
 import random
 import re
 import shutil
-import signal
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,7 +42,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from fastmeal.signals import signals_deferred
+from fastmeal.rundir import RunDir, RunDirVanishedError
 
 FORMAT = "fastmeal-checkpoint"
 VERSION = 1
@@ -448,13 +448,6 @@ class CheckpointManager:
         """
         if not self.enabled:
             return None
-        # A Ctrl-C waits for the save (seconds at most) and then stops the run with it on disk: cut inside
-        # torch.save it would be wasted, and torch turns it into a RuntimeError of its zip writer.
-        with signals_deferred([signal.SIGINT]):
-            return self._save(state, global_step=global_step, top1=top1, save=save)
-
-    def _save(self, state: dict[str, Any], *, global_step: int, top1: float | None,
-              save: Callable[[Any, Any], None]) -> Path:
         if "is_best" not in state:
             best = self.best_top1()
             state = {**state, "top1": top1, "is_best": top1 is not None and (best is None or top1 > best)}
@@ -584,3 +577,156 @@ class CheckpointManager:
             return f"best.pt is damaged too ({err})"
         return (f"best.pt is intact (global step {state['global_step']}, epoch {state['epoch']}): continue from it "
                 f"with --resume {self.best_path}")
+
+
+PREEMPTED_MARKER = "preempted.json"
+
+
+class Checkpointer:
+    """A run's checkpoints as the trainer sees them: the run-dir claim, saves, resume and its repairs, and the
+    marker a preempted run leaves for its job script.
+
+    Args:
+        run_dir: the run directory (``checkpoints/`` and the student's exports go there).
+        keep_last: ``runtime.keep_last``.
+        dist: this process's place in the world (rank 0 writes; resume is collective).
+        if_exists: ``runtime.if_exists``.
+    """
+
+    def __init__(self, run_dir: Path, *, keep_last: int, dist: Any, if_exists: str = "error") -> None:
+        self.run_dir = Path(run_dir)
+        self.dist = dist
+        self.rundir = RunDir(self.run_dir, if_exists=if_exists, is_main=dist.is_main)
+        self.manager = CheckpointManager(self.run_dir / "checkpoints", keep_last=keep_last, enabled=dist.is_main,
+                                         export_dir=self.run_dir)
+        self._saved_once = False
+
+    def open(self, *, resuming: bool) -> None:
+        """Claim the run dir (:meth:`fastmeal.rundir.RunDir.open`), then remove the temporaries of killed writers."""
+        self.rundir.open(resuming=resuming)
+        stale = self.manager.remove_stale_temporaries()
+        if stale:
+            log.warning("removed %d temporary file(s) left by an interrupted write: %s", len(stale),
+                        ", ".join(p.name for p in stale))
+
+    def close(self) -> None:
+        self.rundir.close()
+
+    def save(self, state: dict[str, Any]) -> Path | None:
+        """Write ``state`` (rank 0; None elsewhere); never into a run dir that vanished while training."""
+        if not self.dist.is_main:
+            return None
+        self.rundir.lock.check()
+        directory = self.manager.directory
+        if self._saved_once and not directory.is_dir():
+            raise RunDirVanishedError(f"{directory} vanished while training (deleted?): stopping without writing "
+                                      f"anything; the metrics in the run dir end at global step {state['global_step']}")
+        try:
+            path = self.manager.save(state, global_step=int(state["global_step"]), top1=state.get("top1"))
+        except (FileNotFoundError, CheckpointError):
+            self.rundir.lock.check()  # deleted under our feet: say so rather than a bare missing temporary
+            if directory.is_dir():
+                raise
+            raise RunDirVanishedError(f"{directory} vanished during a save (deleted?): stopping without a "
+                                      "checkpoint of this step") from None
+        self._saved_once = True
+        log.info("checkpoint %s (epoch %d, step %d in epoch, global step %d)", path, state["epoch"],
+                 state["step_in_epoch"], state["global_step"])
+        return path
+
+    def resume(self, spec: str) -> tuple[Path | None, dict[str, Any] | None]:
+        """The checkpoint to continue from: ``auto`` (the newest valid one, damaged ones set aside) or a path.
+
+        Returns:
+            ``(path, state)``, or ``(None, None)`` for ``auto`` with no checkpoint (a fresh start).
+
+        Raises:
+            CheckpointError: an explicit path that is damaged, or ``auto`` when every checkpoint is.
+        """
+        from fastmeal.distributed import check_ranks_agree
+
+        if spec != "auto":
+            return Path(spec), load_checkpoint(spec, map_location="cpu")
+        path, state, skipped = self.manager.find_latest_valid(map_location="cpu")
+        # A run dir that some node does not see would silently start those ranks from scratch.
+        check_ranks_agree(path.name if path else None, "the checkpoint to resume from (resume=auto)",
+                          hint=f"runtime.run_dir={self.run_dir} must be on a file system every node sees",
+                          error=CheckpointError)
+        for bad, reason in skipped:
+            log.warning("resume: skipped damaged checkpoint %s: %s", bad, reason)
+        if path is None:
+            if skipped:
+                raise CheckpointError(f"resume=auto: every checkpoint in {self.manager.directory} is damaged "
+                                      f"({len(skipped)} tried; see the warnings above); {self.manager.describe_best()}")
+            self._start_over()
+            return None, None
+        if self.dist.is_main:
+            for bad, _ in skipped:
+                log.warning("renamed the damaged checkpoint %s to %s", bad.name, self.manager.set_aside(bad).name)
+        return path, state
+
+    def _start_over(self) -> None:
+        metrics = self.run_dir / "metrics.jsonl"
+        if self.dist.is_main and metrics.is_file() and metrics.stat().st_size:
+            aside = metrics.with_name(f"metrics-before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+            os.replace(metrics, aside)
+            log.warning("resume=auto: no checkpoint in %s although %s records an earlier run (checkpoints deleted?): "
+                        "starting from step 0; the old metrics are kept as %s", self.manager.directory,
+                        metrics.name, aside.name)
+        else:
+            log.info("resume=auto: no checkpoint in %s; starting from scratch", self.manager.directory)
+
+    def repair(self, path: Path, state: dict[str, Any]) -> None:
+        """After resuming from ``path``: re-derive what a killed save left behind, and make ``metrics.jsonl`` hold
+        exactly the records up to it (drop those of steps it will redo, re-add its own epoch record when a kill
+        came between the two writes)."""
+        if not self.dist.is_main:
+            return
+        if path.parent.resolve() == self.manager.directory.resolve() and path.name != "best.pt":
+            self.manager.heal(path, state)
+        metrics = self.run_dir / "metrics.jsonl"
+        lines = metrics.read_text().splitlines() if metrics.is_file() else []
+        rows = []
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                rows.append(json.loads(line))
+        step = int(state["global_step"])
+        keep = [r for r in rows if int(r.get("global_step", 0)) <= step]
+        dropped = len(rows) - len(keep)
+        record = state.get("epoch_record")
+        if record and int(state["step_in_epoch"]) == 0 and not any(
+                r.get("kind") == "epoch" and r.get("epoch") == record.get("epoch") for r in keep):
+            keep.append({"kind": "epoch", **record})
+        if len(keep) != len(lines) or keep != rows:
+            from fastmeal.metrics import finite_json, jsonable
+
+            atomic_write_bytes(metrics, "".join(json.dumps(finite_json(r), default=jsonable) + "\n"
+                                                for r in keep).encode())
+            log.info("metrics.jsonl now ends at the checkpoint's global step %d (%d record(s) of later steps "
+                     "dropped, %d re-added)", step, dropped, len(keep) + dropped - len(rows))
+
+    def clear_marker(self) -> None:
+        """A starting run is not preempted (rank 0)."""
+        if self.dist.is_main:
+            (self.run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
+
+    def after_stop(self, reason: str, *, epoch: int, step_in_epoch: int, global_step: int) -> None:
+        """After a stop request ended the fit: rank 0 writes ``preempted.json`` for a preemption (the signal, the
+        position and the checkpoint: a job script requeues on it), then no rank leaves before it is written
+        (torchrun exits non-zero after a forwarded signal; ``srun --kill-on-bad-exit`` would cut the write)."""
+        from fastmeal.distributed import barrier
+
+        if self.dist.is_main and reason in ("SIGTERM", "SIGUSR1", "peer"):
+            checkpoint = self.manager.path_for(global_step)
+            if checkpoint.is_file():
+                marker = {"signal": reason, "epoch": epoch, "step_in_epoch": step_in_epoch,
+                          "global_step": global_step, "checkpoint": str(checkpoint)}
+                atomic_write_bytes(self.run_dir / PREEMPTED_MARKER, (json.dumps(marker) + "\n").encode())
+                log.warning("preempted at epoch %d step %d (global step %d); resume with --resume auto", epoch,
+                            step_in_epoch, global_step)
+            elif global_step == 0:
+                log.warning("stopped by %s before the first step: nothing to resume from", reason)
+            else:
+                log.error("stopped by %s but no checkpoint for global step %d exists in %s", reason, global_step,
+                          checkpoint.parent)
+        barrier()

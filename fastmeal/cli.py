@@ -11,8 +11,9 @@ import os
 import sys
 import traceback
 
+from fastmeal import lifecycle
 from fastmeal.config import PRESETS, ConfigError, build_config, parse_set_args, to_toml
-from fastmeal.signals import ctrl_c_remembered
+from fastmeal.registry import BACKENDS
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default_preset: str = "r50_224") -> None:
@@ -92,9 +93,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that mean "fix your input" (their message says how): reported without a traceback."""
     from fastmeal.checkpoint import CheckpointError
     from fastmeal.data.common import DataError
+    from fastmeal.errors import SetupError
     from fastmeal.models.factory import WeightsError
     from fastmeal.rundir import RunDirError
-    from fastmeal.trainer import SetupError
 
     return CheckpointError, DataError, WeightsError, SetupError, RunDirError
 
@@ -102,10 +103,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
 def _failures() -> tuple[type[Exception], ...]:
     """Errors of a run that went wrong (not of the input): one line, exit 1; their message says what happened."""
     from fastmeal.checkpoint import DiskFullError
+    from fastmeal.errors import NonFiniteError, OutOfMemoryError
     from fastmeal.rundir import RunDirVanishedError
-    from fastmeal.trainer import NonFiniteError
 
-    return DiskFullError, NonFiniteError, RunDirVanishedError
+    return DiskFullError, NonFiniteError, OutOfMemoryError, RunDirVanishedError
 
 
 def _report_user_error(err: Exception) -> int:
@@ -115,7 +116,7 @@ def _report_user_error(err: Exception) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from fastmeal.metrics import finite_json
-    from fastmeal.trainer import train
+    from fastmeal.run import train
 
     cfg = config_from_args(args, **{"runtime.resume": args.resume})
     _setup_logging()
@@ -217,18 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="add grayscale, CMYK, progressive JPEGs and a PNG named .JPEG, as ImageNet has")
     synth.add_argument("--workers", type=int, default=1, help="processes (the files do not depend on it)")
     synth.add_argument("--no-progress", action="store_true")
-    synth.set_defaults(func=cmd_data_synth, preload=("fastmeal.data",))
+    synth.set_defaults(func=cmd_data_synth)
     check = data.add_parser("check", help="count images and list every problem by path (exit 1 on problems)")
     check.add_argument("dir")
     check.add_argument("--workers", type=int, default=1, help="processes decoding files in parallel")
     check.add_argument("--no-progress", action="store_true")
-    check.set_defaults(func=cmd_data_check, preload=("fastmeal.data",))
+    check.set_defaults(func=cmd_data_check)
 
     train = sub.add_parser("train", help="train (MEAL V2 distillation, or hard labels with loss.mode=ce)")
     _add_config_args(train)
     train.add_argument("--resume", metavar="auto|PATH",
                        help="continue from the newest valid checkpoint of the run dir (auto) or from PATH")
-    train.set_defaults(func=cmd_train, preload=TRAINING)
+    train.set_defaults(func=cmd_train)
 
     bank = sub.add_parser("bank", help="the soft-label bank: teacher outputs stored once, replayed by students")
     bank_sub = bank.add_subparsers(dest="action", required=True)
@@ -238,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--epochs", metavar="A:B", help="build epochs A..B-1 only (default: schedule.epochs)")
     build.add_argument("--top-k", type=int, metavar="K", help="probabilities kept per record (default bank.top_k=5)")
     build.add_argument("--no-progress", action="store_true")
-    build.set_defaults(func=cmd_bank_build, preload=TRAINING)
+    build.set_defaults(func=cmd_bank_build)
 
     ev = sub.add_parser("eval", help="top-1/top-5 of a model on a val split (single centre crop, SPEC protocol)")
     _add_config_args(ev)
@@ -251,13 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--resize", type=int, metavar="R", help="short side before the crop (default int(256/224*S))")
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--workers", type=int, help="loader workers (default data.workers, at most the CPUs)")
-    ev.add_argument("--backend", choices=("auto", "dali", "torchvision"))
+    ev.add_argument("--backend", choices=("auto", *BACKENDS))
     ev.add_argument("--device", choices=("auto", "cpu", "cuda"))
     ev.add_argument("--precision", default="fp32", choices=("fp32", "amp", "amp-bf16", "amp-fp16"),
                     help="fp32 (default, the reference's numerics) or autocast")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
     ev.add_argument("--no-progress", action="store_true")
-    ev.set_defaults(func=cmd_eval, preload=TRAINING)
+    ev.set_defaults(func=cmd_eval)
 
     report = sub.add_parser("report", help="figures, report.html and report.md of run dirs (needs matplotlib)")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run dirs (runtime.run_dir); several share "
@@ -269,58 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the dataset and of every training run")
     demo.add_argument("--no-progress", action="store_true")
-    demo.set_defaults(func=cmd_demo, preload=TRAINING)
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 130, 141
-
-# What a command imports first, with Ctrl-C held back until the imports are done (main). torch, numpy,
-# timm and torchvision take seconds to import; a Ctrl-C inside one leaves it half-imported and unusable.
-# DALI's torch plugin even swallows it: the run trained on. A name ending in "?" is imported when installed.
-TRAINING = ("fastmeal.trainer", "nvidia.dali.fn?", "nvidia.dali.plugin.pytorch?")
-
-
-def _interrupted() -> int:
-    print("fastmeal: interrupted (Ctrl-C); checkpoints already written are intact: continue a training run "
-          "with --resume auto", file=sys.stderr)
-    return EXIT_INTERRUPTED
-
-
-def _raised_while_interrupted(err: BaseException) -> bool:
-    """Whether ``err`` came while a KeyboardInterrupt was being handled (its context chain holds one)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, KeyboardInterrupt):
-            return True
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return False
-
-
-def _preload(modules: tuple[str, ...]) -> None:
-    import importlib
-    import signal
-
-    from fastmeal.signals import signals_deferred
-
-    with signals_deferred([signal.SIGINT]):
-        for module in modules:
-            if not module.endswith("?"):
-                importlib.import_module(module)
-            elif _installed(module[:-1]):
-                # A broken optional install fails later, where it is used (data.backend=dali), not here.
-                with contextlib.suppress(Exception):
-                    importlib.import_module(module[:-1])
-
-
-def _installed(module: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ImportError:  # a parent package is absent (no `nvidia` namespace at all)
-        return False
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_BROKEN_PIPE = 0, 1, 2, 141
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,46 +282,47 @@ def main(argv: list[str] | None = None) -> int:
 
     0 done (a preempted run included: it wrote its checkpoint); 1 the run failed (NaN loss, full disk,
     vanished run dir, or a bug: with its traceback); 2 bad input (config, data, weights, checkpoint,
-    busy run dir: the message says how to fix it); 130 Ctrl-C; 141 stdout closed early (``| head``).
-    Loader worker processes are ended on every path.
+    busy run dir: the message says how to fix it); 130 Ctrl-C (a run stops after its step, with a
+    checkpoint; a second Ctrl-C exits at once); 143/138 SIGTERM/SIGUSR1 outside training; 141 stdout
+    closed early (``| head``). Stop signals only record a request (:mod:`fastmeal.lifecycle`); loader
+    worker processes are ended on every path.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        with ctrl_c_remembered():
-            _preload(getattr(args, "preload", ()))
+    with lifecycle.handling_stops():
+        try:
             code = args.func(args)
-        sys.stdout.flush()  # here, not at interpreter exit, so that a closed pipe is handled below
-        return code
-    except ConfigError as err:
-        print(f"fastmeal: config error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        return _interrupted()
-    except BrokenPipeError:
-        # The reader (`| head`) is gone: say nothing more, and keep Python's exit-time flush from failing too.
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_BROKEN_PIPE
-    except Exception as err:
-        if _raised_while_interrupted(err):  # a library's clean-up failed on the way out of a Ctrl-C
-            return _interrupted()
-        if isinstance(err, _user_errors()):
-            return _report_user_error(err)
-        if isinstance(err, _failures()):
-            print(f"fastmeal: error: {err}", file=sys.stderr)
+            sys.stdout.flush()  # here, not at interpreter exit, so that a closed pipe is handled below
+            if lifecycle.stop_requested() == "SIGINT":  # the command ended cleanly after the Ctrl-C: still 130
+                raise lifecycle.Stopped("SIGINT")
+            return code
+        except lifecycle.Stopped as stop:
+            print(f"fastmeal: {stop}", file=sys.stderr)
+            return stop.exit_code
+        except KeyboardInterrupt:  # raised by code, not by fastmeal's handlers (a library's, a test's)
+            print(f"fastmeal: {lifecycle.Stopped('SIGINT')}", file=sys.stderr)
+            return lifecycle.EXIT_INTERRUPTED
+        except ConfigError as err:
+            print(f"fastmeal: config error: {err}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except BrokenPipeError:
+            # The reader (`| head`) is gone: say nothing more, and keep Python's exit-time flush from failing too.
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_BROKEN_PIPE
+        except Exception as err:
+            if isinstance(err, _user_errors()):
+                return _report_user_error(err)
+            if isinstance(err, _failures()):
+                print(f"fastmeal: error: {err}", file=sys.stderr)
+                return EXIT_FAILED
+            if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+                print(f"fastmeal: error: no space left on the device writing {err.filename or 'a file'}: free some "
+                      "space (checkpoints already written are intact)", file=sys.stderr)
+                return EXIT_FAILED
+            traceback.print_exc()
+            print(f"fastmeal: error: unexpected {type(err).__name__} (a bug: please report it with the traceback "
+                  "above)", file=sys.stderr)
             return EXIT_FAILED
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            print(f"fastmeal: error: no space left on the device writing {err.filename or 'a file'}: free some space "
-                  "(checkpoints already written are intact)", file=sys.stderr)
-            return EXIT_FAILED
-        traceback.print_exc()
-        print(f"fastmeal: error: unexpected {type(err).__name__} (a bug: please report it with the traceback above)",
-              file=sys.stderr)
-        return EXIT_FAILED
-    finally:
-        # Not imported yet (a Ctrl-C during start-up, maybe inside torch's import): no loader to close, and
-        # importing it now would meet a half-imported torch.
-        data = sys.modules.get("fastmeal.data")
-        if data is not None:
-            data.close_loaders()
+        finally:
+            lifecycle.close_loaders()

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fastmeal.registry import BACKENDS, OBJECTIVES
+
 
 class ConfigError(ValueError):
     """A configuration value or key that cannot be accepted; the message says why."""
@@ -59,7 +61,7 @@ class DataConfig:
     """
 
     root: str = ""
-    backend: str = "auto"  # auto | dali | torchvision
+    backend: str = "auto"  # auto | a name of fastmeal.registry.BACKENDS (dali, torchvision)
     image_size: int = 224
     eval_resize: int = 0
     batch_size: int = 512
@@ -76,7 +78,7 @@ class DataConfig:
     cutmix: bool = False  # MEAL V2 CutMix variant: one box per batch, lambda ~ Beta(1, 1)
 
     def __post_init__(self) -> None:
-        _check_choice("data.backend", self.backend, ("auto", "dali", "torchvision"))
+        _check_choice("data.backend", self.backend, ("auto", *BACKENDS))
         _check_choice("data.last_batch", self.last_batch, ("keep", "drop"))
         _check_positive("data.image_size", self.image_size)
         _check_positive("data.eval_resize", self.eval_resize, allow_zero=True)
@@ -156,14 +158,14 @@ class LossConfig:
     demo's teachers and baseline, or any non-distilled baseline, go through the same trainer.
     """
 
-    mode: str = "meal_v2"  # meal_v2 | ce
+    mode: str = "meal_v2"  # a name of fastmeal.registry.OBJECTIVES: meal_v2 | ce
     impl: str = "auto"  # auto (Triton on CUDA, PyTorch elsewhere) | torch | triton
     discriminator: bool = True
     final_relu: bool = True  # the reference's ReLU before BCEWithLogits (a loss floor of ~0.347)
     discriminator_hidden: tuple[int, ...] = (125, 15)
 
     def __post_init__(self) -> None:
-        _check_choice("loss.mode", self.mode, ("meal_v2", "ce"))
+        _check_choice("loss.mode", self.mode, OBJECTIVES)
         _check_choice("loss.impl", self.impl, ("auto", "torch", "triton"))
         if not self.discriminator_hidden or any(h <= 0 for h in self.discriminator_hidden):
             raise ConfigError(f"loss.discriminator_hidden={self.discriminator_hidden} must be positive widths")

@@ -50,10 +50,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from fastmeal import lifecycle
 from fastmeal.config import Config, build_config
 from fastmeal.console import progress_enabled
+from fastmeal.hooks import TrainerHook
 from fastmeal.metrics import finite_json
-from fastmeal.trainer import Trainer, TrainerHook
+from fastmeal.trainer import Trainer
 
 log = logging.getLogger("fastmeal.demo")
 
@@ -146,7 +148,7 @@ def _quiet_training() -> Iterator[None]:
 
 
 def _run_stage(cfg: Config, label: str, *, progress: bool) -> dict[str, Any]:
-    from fastmeal.trainer import build_trainer
+    from fastmeal.run import build_trainer
 
     run_dir = Path(cfg.resolved_run_dir)
     if run_dir.exists():
@@ -154,6 +156,7 @@ def _run_stage(cfg: Config, label: str, *, progress: bool) -> dict[str, Any]:
     start = time.perf_counter()
     with _quiet_training():
         summary = build_trainer(cfg, hooks=[_StageProgress(label, progress)]).fit()
+    lifecycle.raise_if_stopped()  # a stage stopped by Ctrl-C or SIGTERM (with its checkpoint) ends the demo
     seconds = time.perf_counter() - start
     last = summary["last_eval"]
     log.info("demo: %-9s %s: val top-1 %.2f top-5 %.2f after %d epochs of loss.mode=%s, %.0f s", label,

@@ -19,9 +19,9 @@ from tqdm import tqdm
 
 from fastmeal.config import Config
 from fastmeal.console import progress_enabled
+from fastmeal.lifecycle import raise_if_stopped
 from fastmeal.metrics import DeviceMeans, topk_correct
 from fastmeal.profiling import phase
-from fastmeal.signals import raise_if_interrupted
 
 log = logging.getLogger("fastmeal.evaluate")
 
@@ -57,7 +57,7 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None) -> context
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: Any, *, device: torch.device, autocast_dtype: torch.dtype | None = None,
              channels_last: bool = True, progress: bool = False, desc: str = "eval",
-             all_ranks: bool = True) -> dict[str, float]:
+             all_ranks: bool = True, stoppable: bool = True) -> dict[str, float]:
     """Top-1, top-5 (in %) and mean cross-entropy of ``model`` over every sample of ``loader``.
 
     The model is put in eval mode for the pass and returned to its previous mode afterwards.
@@ -71,6 +71,8 @@ def evaluate(model: nn.Module, loader: Any, *, device: torch.device, autocast_dt
         progress: show a progress bar.
         desc: the bar's label.
         all_ranks: sum the counts over all ranks (collective: every rank must call it).
+        stoppable: end the pass at a stop request (:class:`~fastmeal.lifecycle.Stopped`); the trainer's
+            evaluation runs to its end instead (its epoch checkpoint follows it).
 
     Returns:
         ``top1``, ``top5``, ``loss`` (CE in fp32, mean over samples), ``count`` (samples seen, all
@@ -84,7 +86,8 @@ def evaluate(model: nn.Module, loader: Any, *, device: torch.device, autocast_dt
     try:
         bar = tqdm(loader, desc=desc, disable=not progress_enabled(progress), leave=False, dynamic_ncols=True)
         for images, labels in bar:
-            raise_if_interrupted()
+            if stoppable:
+                raise_if_stopped()
             with phase("eval"):
                 with autocast_context(device, autocast_dtype):
                     logits = model(images.contiguous(memory_format=memory_format))

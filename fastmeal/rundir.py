@@ -174,3 +174,62 @@ def next_free_run_dir(run_dir: Path) -> Path:
         candidate = run_dir.with_name(f"{run_dir.name}-{n}")
     return candidate
 
+
+
+class RunDir:
+    """A run's claim on its run dir: the lock, and the refusal to mix two runs (``runtime.if_exists``).
+
+    Args:
+        run_dir: the run directory.
+        if_exists: ``runtime.if_exists`` (``error``: refuse another run's files; ``overwrite``: delete them).
+        is_main: rank 0 locks and claims; every rank raises the same error.
+    """
+
+    def __init__(self, run_dir: Path, *, if_exists: str = "error", is_main: bool = True) -> None:
+        self.path = Path(run_dir)
+        self.if_exists = if_exists
+        self.is_main = is_main
+        self.lock = RunDirLock(self.path)
+        self._open = self._claimed = False
+
+    def open(self, *, resuming: bool) -> None:
+        """Take the lock and refuse a run dir that holds another run (unless resuming); idempotent; collective.
+
+        Raises:
+            RunDirError: locked by another process, or holding another run's checkpoints or metrics that
+                neither resume nor ``runtime.if_exists`` says what to do with.
+        """
+        if self._open:
+            return
+        problem = None
+        if self.is_main:
+            try:
+                self.lock.acquire()
+                # A second fit() of the same trainer continues its own run: nothing to refuse.
+                problem = None if resuming or self._claimed else self._claim()
+            except RunDirError as err:
+                problem = str(err)
+        from fastmeal.distributed import all_gather_objects
+
+        problem = all_gather_objects(problem)[0]
+        if problem:
+            self.lock.release()
+            raise RunDirError(problem)
+        self._open = self._claimed = True
+
+    def _claim(self) -> str | None:
+        found = previous_run(self.path)
+        if found is None:
+            return None
+        if self.if_exists == "overwrite":
+            log.warning("runtime.if_exists=overwrite: removed %s of an earlier run from %s",
+                        ", ".join(clear_run(self.path)), self.path)
+            return None
+        return (f"run dir {self.path} already holds another run ({found}); training into it would mix the two. "
+                "Continue that run with --resume auto, train into a new dir with --set runtime.if_exists=new "
+                "(or --set runtime.run_dir=DIR), or delete its files first with --set runtime.if_exists=overwrite")
+
+    def close(self) -> None:
+        """Release the lock (the end of a fit; also when set-up fails after a resume)."""
+        self.lock.release()
+        self._open = False

@@ -23,8 +23,10 @@ from fastmeal.bank.replay import BankLoader, open_bank
 from fastmeal.config import ConfigError, build_config
 from fastmeal.data import build_loader, dali_available
 from fastmeal.distributed import DistInfo
+from fastmeal.hooks import TrainerHook
 from fastmeal.models.factory import build_teachers
-from fastmeal.trainer import TrainerHook, build_trainer
+from fastmeal.objectives import MealV2FromBank
+from fastmeal.run import build_trainer
 
 CPU = torch.device("cpu")
 EPOCHS = 2
@@ -106,7 +108,9 @@ def test_replayed_crops_are_the_builders_and_records_the_ensembles_top_k(files, 
         bank_loader.set_epoch(epoch)
         order = loader.epoch_indices(epoch)
         count = 0
-        for step, (images, labels, (probs, classes)) in enumerate(bank_loader):
+        for step, batch in enumerate(bank_loader):
+            images, labels = batch.images, batch.labels
+            probs, classes = batch.targets["probs"], batch.targets["classes"]
             idx = order[step * 6:(step + 1) * 6]
             for image, i in zip(images, idx, strict=True):
                 assert torch.equal(image, seen[(epoch, int(i))]), f"epoch {epoch} image {i}: another crop"
@@ -132,7 +136,8 @@ def test_dali_replays_the_builders_crops_within_one_level(files, tmp_path):
     bank_loader.set_epoch(0)
     dali_order = loader.epoch_indices(0)
     diffs = []
-    for step, (images, _, _) in enumerate(bank_loader):
+    for step, batch in enumerate(bank_loader):
+        images = batch.images
         for image, i in zip(images, dali_order[step * 4:(step + 1) * 4], strict=True):
             diffs.append((image.float() - seen[int(i)]).abs())
     diffs = torch.stack(diffs)
@@ -234,7 +239,7 @@ def _state(trainer):
 def test_training_from_the_bank_and_a_mid_epoch_resume(files, bank, tmp_path):
     overrides = {"bank.path": bank, "runtime.checkpoint_every_steps": 2}
     straight = build_trainer(_cfg(files, tmp_path / "straight", **overrides), dist=DistInfo())
-    assert straight.teachers is None and isinstance(straight.train_loader, BankLoader)
+    assert isinstance(straight.objective, MealV2FromBank) and isinstance(straight.train_loader, BankLoader)
     summary = straight.fit()
     assert summary["epochs"] == EPOCHS and summary["global_step"] == 2 * 5
     records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]

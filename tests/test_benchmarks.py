@@ -100,23 +100,31 @@ def test_flop_count_matches_the_spec_at_224():
 
 
 def test_timed_phases_times_the_products_step_and_restores_phase():
+    import fastmeal.objectives
     import fastmeal.profiling
     import fastmeal.trainer
-    from fastmeal.trainer import DistillationModel
+    from fastmeal.batch import Batch
+    from fastmeal.objectives import MealV2
+    from fastmeal.trainer import TrainedModel
 
     torch.manual_seed(0)
-    model = DistillationModel(torch.nn.Linear(12, 5), Discriminator(5))
-    images, teacher_logits = torch.randn(3, 12), torch.randn(2, 3, 5)
+
+    def teachers(images):
+        time.sleep(0.02)
+        return torch.randn(2, 3, 5)
+
+    objective = MealV2(teachers=teachers, discriminator=Discriminator(5), impl="torch")
+    model = TrainedModel(torch.nn.Linear(12, 5), objective)
+    batch = Batch(torch.randn(3, 12), torch.zeros(3, dtype=torch.int64))
     with bench_train_step.timed_phases(torch.device("cpu")) as seconds:
-        with fastmeal.trainer.phase("teachers"):
-            time.sleep(0.02)
-        out = model(images, teacher_logits)
+        objective.prepare(batch)  # the teachers' phase
+        out = model(batch.images, batch.labels, batch.targets)
         with bench_train_step.phase("data"):
             pass
     assert seconds["teachers"] >= 0.02
     assert {"student_fwd", "loss", "data"} <= seconds.keys()
     assert torch.isfinite(out["loss"])
-    assert fastmeal.trainer.phase is fastmeal.profiling.phase
+    assert fastmeal.trainer.phase is fastmeal.objectives.phase is fastmeal.profiling.phase
     assert bench_train_step.phase is fastmeal.profiling.phase
 
 

@@ -46,9 +46,9 @@ def _fit_worker(rank: int, world_size: int, root: str, batchnorm: bool):
         assert wrapped.gradient_as_bucket_view and wrapped.static_graph  # eager student: the graph is static
         in_ddp = {id(p) for p in wrapped.parameters()}
         trained = {id(p) for p in trainer.model.student.parameters()} | {
-            id(p) for p in trainer.model.discriminator.parameters()}
+            id(p) for p in trainer.model.objective.discriminator.parameters()}
         assert in_ddp == trained
-        assert not in_ddp & {id(p) for t in trainer.teachers.models for p in t.parameters()}
+        assert not in_ddp & {id(p) for t in trainer.objective.teachers.models for p in t.parameters()}
         assert [g["name"] for g in trainer.optimizer.param_groups] == ["student", "discriminator"]
     summary = trainer.fit()
     out = {"state": {k: v.clone() for k, v in trainer.model.state_dict().items()}, "eval": summary["last_eval"],
@@ -139,7 +139,7 @@ def test_sharded_evaluation_of_an_odd_val_set_counts_every_image_once(tmp_path):
 
 def test_global_batch_not_divisible_fails_at_start_up(tmp_path):
     cfg = tiny_config(tmp_path, **{"data.batch_size": 6})
-    from fastmeal.trainer import build_trainer
+    from fastmeal.run import build_trainer
 
     with pytest.raises(ConfigError, match=r"data.batch_size=6 \(the global batch\) is not divisible by the world "
                                           r"size 4; choose a multiple of 4, e.g. 4 or 8"):

@@ -431,7 +431,7 @@ def _assert_whole_and_consistent(run_dir: Path) -> None:
     # The next start heals what the kill left: everything derives from the newest checkpoint again.
     trainer = make_trainer(tiny_config(run_dir))
     resumed = trainer.resume("auto")
-    trainer.close_run_dir()
+    trainer.checkpoints.close()
     latest = load_checkpoint(resumed)
     manifest = json.loads((directory / "manifest.json").read_text())
     best_info = json.loads((directory / "best.json").read_text())
@@ -501,7 +501,7 @@ def test_every_checkpoint_damaged_says_whether_best_pt_is_intact_and_how_to_resu
 
 _SIGTERM_WHEN = textwrap.dedent("""
     import os, signal, sys
-    from fastmeal import checkpoint, trainer
+    from fastmeal import checkpoint
     from fastmeal.cli import main
     from fastmeal.models import factory
 
@@ -615,7 +615,7 @@ def test_cuda_and_triton_without_a_gpu_are_refused_with_the_fix(data, tmp_path, 
     assert main(train_args(data, tmp_path / "a", "runtime.device=cuda")) == 2
     assert "CUDA is not available" in capsys.readouterr().err
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    from fastmeal.trainer import SetupError
+    from fastmeal.errors import SetupError
 
     with pytest.raises(SetupError, match="loss.impl=triton.*loss.impl=auto"):
         make_trainer(tiny_config(tmp_path / "b", **{"loss.impl": "triton"}))
@@ -628,21 +628,6 @@ def test_ctrl_c_prints_one_line_and_exits_130(data, tmp_path):
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends to the terminal's foreground process group
     rc, _, err = finish(proc, timeout=60)
     assert rc == 130 and "interrupted (Ctrl-C)" in one_error_line(err)
-
-
-def test_an_error_raised_on_the_way_out_of_a_ctrl_c_is_the_ctrl_c(data, tmp_path, capsys, monkeypatch):
-    """torch.save cut by Ctrl-C raises its zip writer's RuntimeError from the KeyboardInterrupt: still 130, one line."""
-    import fastmeal.cli
-
-    def train_cut_in_a_library(args):
-        try:
-            raise KeyboardInterrupt
-        except KeyboardInterrupt:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1881280 vs 1881168")  # noqa: B904 - implicit context, as torch raises it
-
-    monkeypatch.setattr(fastmeal.cli, "cmd_train", train_cut_in_a_library)
-    assert main(train_args(data, tmp_path / "run")) == 130
-    assert "interrupted (Ctrl-C)" in one_error_line(capsys.readouterr().err)
 
 
 _CTRL_C_IN_TORCH_IMPORT = textwrap.dedent("""
@@ -675,16 +660,21 @@ _CTRL_C_IN_TORCH_IMPORT = textwrap.dedent("""
 
 @pytest.mark.parametrize(("how", "where"), [
     ("signal", "torch.multiprocessing"), ("raised", "torch.multiprocessing"),
-    pytest.param("signal", "nvidia.dali.plugin.pytorch", marks=pytest.mark.dali)])  # DALI's swallowed it
+    pytest.param("signal", "nvidia.dali.fn", marks=pytest.mark.dali)])
 def test_ctrl_c_during_start_up_inside_torchs_import_is_the_same_one_line(data, tmp_path, how, where):
-    """A SIGINT during the start-up imports waits until they are done (a half-imported torch breaks every later
-    import of it, the exit path's included); a KeyboardInterrupt raised inside one is still one line."""
+    """A SIGINT during torch's or DALI's import is only recorded: the import finishes (a half-imported torch breaks
+    every later import of it, the exit path's included) and the run stops at its next step boundary; a
+    KeyboardInterrupt raised inside one is still one line."""
     backend = "dali" if where.startswith("nvidia") else "torchvision"
     rc, out, err = run([how, where, *train_args(data, tmp_path / "run", f"data.backend={backend}")],
                        script=_CTRL_C_IN_TORCH_IMPORT)
     assert rc == 130 and "interrupted (Ctrl-C)" in one_error_line(err)
-    assert out.strip() == ("2.0" if how == "signal" else "")
-    assert not (tmp_path / "run").exists()  # stopped before the run began
+    assert out.strip().endswith("2.0") == (how == "signal")  # torch works after the Ctrl-C
+    if backend == "torchvision":
+        assert not (tmp_path / "run").exists()  # torch imports at start-up: stopped before the run began
+    else:  # DALI's modules import when its pipeline is built, at the first step: stopped after it, with a checkpoint
+        assert json.loads(out[:out.rindex("}") + 1])["global_step"] == 1
+        assert (tmp_path / "run" / "checkpoints" / "ckpt-000000001.pt").is_file()
 
 
 def test_a_full_disk_is_one_line_naming_the_file_and_the_free_space(data, tmp_path, capsys, monkeypatch):

@@ -21,10 +21,10 @@ import torch
 from gloo_world import World, run_world
 from tiny import cli_train_args, cli_worker, jpeg_dataset, make_trainer, one_intraop_thread, teacher_files, tiny_config
 
-from fastmeal.checkpoint import load_checkpoint
-from fastmeal.hooks import PREEMPTED_MARKER, PreemptionHook
+from fastmeal.checkpoint import PREEMPTED_MARKER, load_checkpoint
+from fastmeal.hooks import TrainerHook
 from fastmeal.metrics import read_jsonl
-from fastmeal.trainer import Trainer, TrainerHook
+from fastmeal.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures(one_intraop_thread.__name__)
 
@@ -53,7 +53,7 @@ def assert_same_state(a: Trainer, b: Trainer) -> None:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_signal_stops_after_the_current_step_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path, signum):
     cfg = tiny_config(tmp_path / "run")  # 24 images, global batch 8: 3 steps per epoch, 2 epochs
-    stopped = make_trainer(cfg, batchnorm=True, hooks=[PreemptionHook(), SignalSelf(at=1, signum=signum)])
+    stopped = make_trainer(cfg, batchnorm=True, hooks=[SignalSelf(at=1, signum=signum)])
     summary = stopped.fit()
     name = signal.Signals(signum).name
     # The signal came during global step 1 (0-based): that step finished, no other started.
@@ -65,7 +65,7 @@ def test_signal_stops_after_the_current_step_and_the_resumed_run_equals_an_unint
     assert marker == {"signal": name, "epoch": 0, "step_in_epoch": 2, "global_step": 2, "checkpoint": str(checkpoint)}
     assert signal.getsignal(signum) is signal.SIG_DFL  # handlers removed when training ends
 
-    resumed = make_trainer(cfg, batchnorm=True, seed=99, hooks=[PreemptionHook()])  # other init: all from the file
+    resumed = make_trainer(cfg, batchnorm=True, seed=99)  # other init: all from the file
     assert resumed.resume("auto") == checkpoint
     assert resumed.fit()["stopped"] is None
     assert not (tmp_path / "run" / PREEMPTED_MARKER).exists()  # a run that starts clears it
@@ -94,7 +94,7 @@ class SignalOnEval:
 
 def test_signal_during_evaluation_stops_at_the_epoch_checkpoint(tmp_path):
     cfg = tiny_config(tmp_path / "run")
-    trainer = make_trainer(cfg, hooks=[PreemptionHook()], val_loader_wrapper=SignalOnEval)
+    trainer = make_trainer(cfg, val_loader_wrapper=SignalOnEval)
     summary = trainer.fit()
     assert summary["stopped"] == "preempted by SIGUSR1"
     assert (summary["epochs"], summary["global_step"]) == (1, 3)  # epoch 0 done, evaluated, no step of epoch 1

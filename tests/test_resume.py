@@ -22,10 +22,12 @@ from test_preemption import assert_same_state
 from tiny import DISK_CLASSES, jpeg_dataset, one_intraop_thread
 
 from fastmeal.config import build_config
-from fastmeal.data import close_loaders
 from fastmeal.data import dali as dali_module
 from fastmeal.data import torchvision as tv_module
-from fastmeal.trainer import Trainer, TrainerHook, build_trainer
+from fastmeal.hooks import TrainerHook
+from fastmeal.lifecycle import close_loaders
+from fastmeal.run import build_trainer
+from fastmeal.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures(one_intraop_thread.__name__)
 

@@ -14,6 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from fastmeal.losses import meal_v2_loss
 from fastmeal.models.discriminator import Discriminator
 from fastmeal.models.teachers import GraphCache, TeacherEnsemble, fold_batchnorm
+from fastmeal.objectives import build_objective
 
 NUM_CLASSES = 7  # a prime, so a [K, B, C] transposition cannot go unnoticed
 
@@ -327,8 +328,8 @@ def test_teachers_stay_frozen_through_a_real_training_run_and_are_not_checkpoint
     train = ShardedTensorLoader(images[:24], labels[:24], 8)
     val = ShardedTensorLoader(images[24:], labels[24:], 4, shuffle=False, shard_eval=True)
     cfg = tiny_config(tmp_path / "run", **{"schedule.epochs": 1})
-    trainer = Trainer(cfg, student=SmallNet(batchnorm=True), discriminator=Discriminator(TINY_CLASSES),
-                      teachers=ens, train_loader=train, val_loader=val)
+    objective = build_objective(cfg, teachers=ens, discriminator=Discriminator(TINY_CLASSES))
+    trainer = Trainer(cfg, student=SmallNet(batchnorm=True), objective=objective, train_loader=train, val_loader=val)
     trainer.fit()
 
     assert trainer.global_step == 3

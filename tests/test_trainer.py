@@ -20,12 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastmeal.batch import Batch, cutmix_
 from fastmeal.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
 from fastmeal.config import ConfigError, build_config
+from fastmeal.hooks import TrainerHook
 from fastmeal.losses import meal_v2_loss
 from fastmeal.metrics import read_jsonl
 from fastmeal.models.discriminator import Discriminator
-from fastmeal.trainer import DistillationModel, Trainer, TrainerHook, cutmix_, resolve_precision
+from fastmeal.objectives import MealV2, build_objective
+from fastmeal.trainer import TrainedModel, Trainer, resolve_precision
 
 NUM_CLASSES = 5
 SIZE = 16
@@ -118,8 +121,9 @@ def make_trainer(cfg, *, seed: int = 0, hooks=(), run_dir=None):
     discriminator = Discriminator(NUM_CLASSES) if cfg.loss.mode == "meal_v2" else None
     train, val = make_data()
     teachers = make_teachers() if cfg.loss.mode == "meal_v2" else None
-    return Trainer(cfg, student=student, discriminator=discriminator, teachers=teachers, train_loader=train,
-                   val_loader=val, hooks=hooks, run_dir=run_dir)
+    objective = build_objective(cfg, teachers=teachers, discriminator=discriminator)
+    return Trainer(cfg, student=student, objective=objective, train_loader=train, val_loader=val, hooks=hooks,
+                   run_dir=run_dir)
 
 
 def assert_same_training_state(a: Trainer, b: Trainer) -> None:
@@ -158,7 +162,7 @@ def test_lr_regime_per_epoch_for_every_group(tmp_path):
 def test_golden_three_steps_match_a_hand_written_loop(tmp_path):
     cfg = tiny_config(tmp_path, **{"schedule.epochs": 1, "runtime.max_steps_per_epoch": 3, "optim.momentum": 0.9})
     trainer = make_trainer(cfg, seed=3)
-    student, disc = copy.deepcopy(trainer.model.student), copy.deepcopy(trainer.model.discriminator)
+    student, disc = copy.deepcopy(trainer.model.student), copy.deepcopy(trainer.model.objective.discriminator)
     teachers = make_teachers()
     train, _ = make_data()
     train.set_epoch(0)
@@ -346,7 +350,7 @@ def test_epoch_outputs_metrics_checkpoints_and_student_weights(tmp_path):
 def test_ce_mode_trains_without_teachers_or_discriminator(tmp_path):
     cfg = tiny_config(tmp_path, **{"loss.mode": "ce", "schedule.epochs": 1})
     trainer = make_trainer(cfg)
-    assert trainer.teachers is None and trainer.model.discriminator is None
+    assert not hasattr(trainer.objective, "teachers") and trainer.model.objective.discriminator is None
     assert [g["name"] for g in trainer.optimizer.param_groups] == ["student"]
     trainer.fit()
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl", "train")
@@ -357,14 +361,14 @@ def test_meal_v2_mode_needs_teachers_and_classes_must_agree(tmp_path):
     cfg = tiny_config(tmp_path)
     train, val = make_data()
     with pytest.raises(ValueError, match="needs teachers"):
-        Trainer(cfg, student=TinyNet(), discriminator=None, teachers=None, train_loader=train, val_loader=val)
+        build_objective(cfg, teachers=None, discriminator=None)
     with pytest.raises(ValueError, match="model.num_classes=5"):
-        Trainer(cfg, student=TinyNet(num_classes=3), discriminator=None, teachers=make_teachers(),
+        Trainer(cfg, student=TinyNet(num_classes=3), objective=build_objective(cfg, teachers=make_teachers()),
                 train_loader=train, val_loader=val)
     train.num_classes = 7
     with pytest.raises(ValueError, match="train split has 7 classes"):
-        Trainer(cfg, student=TinyNet(), discriminator=None, teachers=make_teachers(), train_loader=train,
-                val_loader=val)
+        Trainer(cfg, student=TinyNet(), objective=build_objective(cfg, teachers=make_teachers()),
+                train_loader=train, val_loader=val)
 
 
 def test_cutmix_pastes_one_box_from_a_permutation():
@@ -372,7 +376,8 @@ def test_cutmix_pastes_one_box_from_a_permutation():
     images = torch.randn(6, 3, 20, 24)
     original = images.clone()
     for step in range(20):
-        mixed, lam, perm = cutmix_(images.clone(), seed=0, epoch=1, step=step)
+        batch = cutmix_(Batch(images.clone(), torch.arange(6)), seed=0, epoch=1, step=step)
+        mixed, lam, perm = batch.images, float(batch.targets["mix_lam"]), batch.targets["mix_perm"]
         changed = (mixed != original).any(1)  # [B, H, W]
         box = changed.any(0)
         ys, xs = box.nonzero(as_tuple=True)
@@ -398,8 +403,8 @@ def test_cutmix_training_step_sees_the_mixed_batch(tmp_path):
     cfg = tiny_config(tmp_path, **{"data.cutmix": "true", "schedule.epochs": 1, "runtime.max_steps_per_epoch": 1})
     train, val = make_data()
     torch.manual_seed(0)
-    trainer = Trainer(cfg, student=TinyNet(), discriminator=Discriminator(NUM_CLASSES), teachers=teachers,
-                      train_loader=train, val_loader=None)
+    objective = build_objective(cfg, teachers=teachers, discriminator=Discriminator(NUM_CLASSES))
+    trainer = Trainer(cfg, student=TinyNet(), objective=objective, train_loader=train, val_loader=None)
     trainer.fit()
     train.set_epoch(0)
     first_batch = next(iter(train))[0]
@@ -424,13 +429,14 @@ def test_amp_bf16_step_runs_on_the_cpu(tmp_path):
     assert summary["last_eval"]["count"] == 13
 
 
-def test_distillation_model_gradient_reaches_the_student_through_the_discriminator():
+def test_trained_model_gradient_reaches_the_student_through_the_discriminator():
     torch.manual_seed(0)
     student, disc = TinyNet(), Discriminator(NUM_CLASSES, final_relu=False)
-    model = DistillationModel(student, disc, mode="meal_v2", loss_impl="torch")
-    images = torch.randn(4, 3, SIZE, SIZE)
-    teacher_logits = torch.randn(2, 4, NUM_CLASSES)
-    out = model(images, teacher_logits)
+    model = TrainedModel(student, MealV2(teachers=lambda x: torch.randn(2, 4, NUM_CLASSES), discriminator=disc,
+                                         impl="torch"))
+    batch = Batch(torch.randn(4, 3, SIZE, SIZE), torch.zeros(4, dtype=torch.int64))
+    model.objective.prepare(batch)
+    out = model(batch.images, batch.labels, batch.targets)
     (grad_d,) = torch.autograd.grad(out["d"], student.fc.weight)
     assert grad_d.abs().sum() > 0  # no detach between D and the student (SPEC step 9)
     assert out["logits"].shape == (4, NUM_CLASSES)
@@ -515,8 +521,9 @@ def _gpu_trainer(tmp_path, **overrides):
                                    "runtime.compile": "off", **overrides})
     torch.manual_seed(0)
     train, val = make_data(device="cuda")
-    return Trainer(cfg, student=TinyNet(), discriminator=Discriminator(NUM_CLASSES),
-                   teachers=make_teachers(device="cuda"), train_loader=train, val_loader=val)
+    objective = build_objective(cfg, device=torch.device("cuda"), teachers=make_teachers(device="cuda"),
+                                discriminator=Discriminator(NUM_CLASSES))
+    return Trainer(cfg, student=TinyNet(), objective=objective, train_loader=train, val_loader=val)
 
 
 @pytest.mark.gpu
@@ -662,8 +669,7 @@ def _steps(trainer: Trainer, num_steps: int = 3) -> list[float]:
     batches = iter(trainer.train_loader)
     losses = []
     for _ in range(num_steps):
-        images, labels = next(batches)
-        losses.append(float(trainer.train_step(images, labels)["loss"]))
+        losses.append(float(trainer.train_step(Batch.of(next(batches)))["loss"]))
     return losses
 
 
@@ -714,15 +720,15 @@ def test_gpu_fp16_first_step_overflow_leaves_zero_momentum_and_the_next_step_is_
     start = copy.deepcopy(trainer.model.state_dict())
     batches = iter(trainer.train_loader)
     first, second = next(batches), next(batches)
-    trainer.train_step(*first)
+    trainer.train_step(Batch.of(first))
     assert trainer.scaler.get_scale() == 2.0**10
     params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
     assert all(torch.equal(trainer.optimizer.state[p]["momentum_buffer"], torch.zeros_like(p)) for p in params)
-    trainer.train_step(*second)
+    trainer.train_step(Batch.of(second))
     reference = _gpu_trainer(tmp_path / "b", **overrides)
     reference.model.load_state_dict(start)
     reference.scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10)
-    reference.train_step(*second)
+    reference.train_step(Batch.of(second))
     for (name, x), (_, y) in zip(reference.model.state_dict().items(), trainer.model.state_dict().items(), strict=True):
         torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6, msg=name)
 

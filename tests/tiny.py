@@ -24,6 +24,7 @@ from torch import nn
 from fastmeal.config import build_config
 from fastmeal.distributed import DistInfo
 from fastmeal.models.discriminator import Discriminator
+from fastmeal.objectives import build_objective
 from fastmeal.trainer import Trainer
 
 # The devices a Triton kernel test runs on. Triton runs on CPU tensors only in the interpreter, which is
@@ -174,8 +175,9 @@ def make_trainer(cfg, *, rank: int = 0, world_size: int = 1, batchnorm: bool = F
                               shuffle=False, shard_eval=True)
     if val_loader_wrapper is not None:
         val = val_loader_wrapper(val)
-    return Trainer(cfg, student=student, discriminator=Discriminator(NUM_CLASSES), teachers=make_teachers(),
-                   train_loader=train, val_loader=val, hooks=hooks, run_dir=run_dir,
+    objective = build_objective(cfg, teachers=make_teachers(), discriminator=Discriminator(NUM_CLASSES))
+    return Trainer(cfg, student=student, objective=objective, train_loader=train, val_loader=val, hooks=hooks,
+                   run_dir=run_dir,
                    dist=DistInfo(rank=rank, world_size=world_size, local_rank=rank, device=torch.device("cpu")))
 
 

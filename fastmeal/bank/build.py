@@ -31,8 +31,8 @@ from fastmeal.bank import store
 from fastmeal.config import Config
 from fastmeal.console import progress_enabled
 from fastmeal.distributed import DistInfo, barrier
+from fastmeal.lifecycle import raise_if_stopped
 from fastmeal.losses import decode_topk
-from fastmeal.signals import raise_if_interrupted
 
 log = logging.getLogger("fastmeal.bank")
 
@@ -232,7 +232,7 @@ def _compute_chunk(loader: Any, teachers: Callable[[Tensor], Tensor], epoch: int
     loader.set_epoch(epoch, start_step=first_step)
     filled = 0
     for step, (images, _labels) in enumerate(loader, start=first_step):
-        raise_if_interrupted()
+        raise_if_stopped()
         n = len(indices[step * batch:(step + 1) * batch])
         if n != images.shape[0]:
             raise RuntimeError(f"epoch {epoch} step {step}: the loader gave {images.shape[0]} images for {n} "

@@ -3,8 +3,8 @@
 :class:`BankLoader` wraps the run's train loader (the Loader protocol) and adds to every batch the
 records of its images: step ``k`` of epoch ``e`` on a rank holds dataset images
 ``epoch_indices(e)[k·B:(k+1)·B]``, whose crops are the crop plan's for ``(seed, e, i)`` — the crops
-the teachers saw when the bank was built. Batches are ``(images, labels, (probs [B, K] fp16,
-classes [B, K] int16))`` on the training device.
+the teachers saw when the bank was built. Batches are :class:`~fastmeal.batch.Batch` es whose targets
+hold ``probs`` ``[B, K]`` fp16 and ``classes`` ``[B, K]`` int16, on the training device.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 
 from fastmeal.bank import store
 from fastmeal.bank.build import check_bank_config, run_identity
+from fastmeal.batch import Batch
 from fastmeal.config import Config
 
 log = logging.getLogger("fastmeal.bank")
@@ -49,7 +50,7 @@ class BankLoader:
         else:
             self.loader.set_epoch(epoch)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
+    def __iter__(self) -> Iterator[Batch]:
         epoch, step = self._epoch, self._start_step
         self._epoch, self._start_step = epoch + 1, 0  # like the loaders: a pass without set_epoch is the next epoch
         indices = np.asarray(self.loader.epoch_indices(epoch), dtype=np.int64)
@@ -62,9 +63,9 @@ class BankLoader:
                                    f"{len(idx)} planned indices (loader and epoch_indices disagree)")
             probs, classes = self.reader.records(epoch, idx)
             pin = self.device.type == "cuda"
-            records = tuple(torch.from_numpy(a).pin_memory().to(self.device, non_blocking=True) if pin
-                            else torch.from_numpy(a) for a in (probs, classes))
-            yield images, labels, records
+            probs, classes = (torch.from_numpy(a).pin_memory().to(self.device, non_blocking=True) if pin
+                              else torch.from_numpy(a) for a in (probs, classes))
+            yield Batch(images, labels, {"probs": probs, "classes": classes})
             step += 1
 
 

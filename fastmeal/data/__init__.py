@@ -15,11 +15,8 @@ epoch at any step (``set_epoch(epoch, start_step)``) and says which images each 
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import importlib.util
 import logging
-import sys
 from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
@@ -30,14 +27,12 @@ from fastmeal.config import Config
 from fastmeal.data.common import CorruptImageError, DataError, images_dtype, scan_split
 from fastmeal.data.index import DatasetIndex, build_index
 from fastmeal.distributed import per_rank_batch, resolve_device
+from fastmeal.registry import BACKENDS, resolve
 
 __all__ = ["CorruptImageError", "DataError", "DatasetIndex", "Loader", "build_index", "build_loader", "choose_backend",
-           "close_loaders",
            "dali_available", "images_dtype"]
 
 log = logging.getLogger(__name__)
-
-DALI_INSTALL = "pip install nvidia-dali-cuda120  (CUDA 13: nvidia-dali-cuda130)"
 
 
 @runtime_checkable
@@ -72,52 +67,6 @@ class Loader(Protocol):
 _announced: set[str] = set()
 
 
-def close_loaders() -> None:
-    """End the worker processes of every loader of this process (``fastmeal`` calls it on every exit path).
-
-    Also registered with ``atexit`` ahead of multiprocessing's own exit handler, which would otherwise
-    ``terminate()`` and then ``join()`` the workers forever: they ignore SIGTERM, on purpose (preemption).
-    """
-    module = sys.modules.get("fastmeal.data.torchvision")
-    if module is None:
-        return
-    for iterator in list(module.LIVE_ITERATORS):
-        module.close_iterator(iterator)
-
-
-def _close_at_exit() -> None:
-    """At interpreter exit: close every tracked loader, then SIGKILL any daemonic child still alive.
-
-    multiprocessing's own exit handler (it runs after this one) ``terminate()``s daemonic children with
-    SIGTERM and joins them; loader workers ignore SIGTERM, so a worker that no tracked iterator owns any
-    more (one whose iterator is being collected, or a DataLoader made outside fastmeal's loaders) would
-    make the process hang at exit. Killing daemonic children is what that handler means to do anyway.
-    """
-    import multiprocessing
-    import signal
-
-    close_loaders()
-    children = [child for child in multiprocessing.active_children() if child.daemon]
-    if not children:
-        return
-    # torch's SIGCHLD handler raises when it sees a worker killed; the process is exiting, so it goes.
-    with contextlib.suppress(ValueError):  # not the main thread
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for child in children:
-        child.kill()
-    for child in children:
-        child.join(timeout=5)
-
-
-def _register_exit_handler() -> None:
-    import multiprocessing.util  # noqa: F401 - registers multiprocessing's atexit handler first; ours runs before it
-
-    atexit.register(_close_at_exit)
-
-
-_register_exit_handler()
-
-
 def dali_available() -> bool:
     """Whether ``nvidia.dali`` can be imported (without importing it)."""
     try:
@@ -127,17 +76,17 @@ def dali_available() -> bool:
 
 
 def choose_backend(requested: str) -> str:
-    """``auto`` → ``dali`` when DALI is installed, else ``torchvision``; ``dali`` without DALI fails."""
-    if requested == "torchvision":
-        return "torchvision"
-    if requested == "dali":
-        if not dali_available():
-            raise DataError(f"data.backend=dali but NVIDIA DALI is not installed; install it with `{DALI_INSTALL}` "
-                            "or use data.backend=torchvision")
-        return "dali"
-    if requested != "auto":
-        raise DataError(f"data.backend={requested!r} is not one of auto, dali, torchvision")
-    return "dali" if dali_available() else "torchvision"
+    """``auto`` → the first backend of :data:`fastmeal.registry.BACKENDS` that is installed (DALI, then
+    torchvision); a named backend that is not installed fails with its install command."""
+    if requested == "auto":
+        return next(name for name in BACKENDS if resolve(BACKENDS, name).available())
+    if requested not in BACKENDS:
+        raise DataError(f"data.backend={requested!r} is not one of auto, {', '.join(BACKENDS)}")
+    loader = resolve(BACKENDS, requested)
+    if not loader.available():
+        raise DataError(f"data.backend={requested} is not installed; install it with `{loader.install_hint}` or use "
+                        "data.backend=auto")
+    return requested
 
 
 def build_loader(cfg: Config, split: str, *, rank: int = 0, world_size: int = 1,
@@ -165,18 +114,14 @@ def build_loader(cfg: Config, split: str, *, rank: int = 0, world_size: int = 1,
     backend = choose_backend(cfg.data.backend)
     if cfg.data.backend == "auto" and rank == 0 and backend not in _announced:
         _announced.add(backend)  # once per process, not once per split
-        log.info("data.backend=auto chose %s%s", backend,
-                 "" if backend == "dali" else f" (DALI is not installed: `{DALI_INSTALL}` for the fast loader)")
+        skipped = [f"{name} is not installed: `{resolve(BACKENDS, name).install_hint}`" for name in BACKENDS
+                   if name != backend and list(BACKENDS).index(name) < list(BACKENDS).index(backend)]
+        log.info("data.backend=auto chose %s%s", backend, f" ({'; '.join(skipped)})" if skipped else "")
     scanned = scan_split(cfg.data.root, split)
     index = _shared_index(cfg, scanned, rank=rank, world_size=world_size) if split == "train" else None
-    kwargs = dict(rank=rank, world_size=world_size, device=device, batch_size=batch_size, index=index)
-    if backend == "dali":
-        from fastmeal.data.dali import DaliLoader
-
-        return DaliLoader(cfg, scanned, split, **kwargs)
-    from fastmeal.data.torchvision import TorchvisionLoader
-
-    return TorchvisionLoader(cfg, scanned, split, **kwargs)
+    loader = resolve(BACKENDS, backend)
+    return loader(cfg, scanned, split, rank=rank, world_size=world_size, device=device, batch_size=batch_size,
+                  index=index)
 
 
 def _shared_index(cfg: Config, split, *, rank: int, world_size: int) -> DatasetIndex:

@@ -20,6 +20,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm import tqdm
 
 from fastmeal.console import progress_enabled
+from fastmeal.lifecycle import raise_if_stopped
 
 SPLITS = ("train", "val")
 # torchvision's ImageFolder IMG_EXTENSIONS: files with other extensions are silently skipped by it.
@@ -212,6 +213,7 @@ def check_dataset(root: str | Path, *, progress: bool = True, num_workers: int =
             results = pool.map(_inspect_file, paths, chunksize=64)
         try:
             for path, (kind, message, fmt, mode, progressive) in zip(paths, results, strict=True):
+                raise_if_stopped()
                 bar.update()
                 if kind is not None:
                     (report.notes if kind in NOTE_KINDS else report.problems).append(Problem(path, kind, message))
@@ -221,7 +223,7 @@ def check_dataset(root: str | Path, *, progress: bool = True, num_workers: int =
                     report.num_progressive += progressive
         finally:
             if pool is not None:
-                pool.shutdown()
+                pool.shutdown(cancel_futures=True)
     report.modes = dict(modes.most_common())
     report.formats = dict(formats.most_common())
     report.problems.sort(key=lambda p: (p.path, p.kind))

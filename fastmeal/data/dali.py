@@ -61,12 +61,12 @@ import numpy as np
 import torch
 
 from fastmeal.config import Config
+from fastmeal.data.base import LoaderBase
 from fastmeal.data.common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     CorruptImageError,
     DataError,
-    LoaderBase,
     Split,
     load_rgb,
     next_decodable,
@@ -184,6 +184,13 @@ class DaliLoader(LoaderBase):
     """Batches ``(images [B,3,S,S] channels-last view, labels [B] int64)`` on ``device`` (the Loader protocol)."""
 
     backend = "dali"
+    install_hint = "pip install nvidia-dali-cuda120  (CUDA 13: nvidia-dali-cuda130)"
+
+    @staticmethod
+    def available() -> bool:
+        from fastmeal.data import dali_available
+
+        return dali_available()
 
     def __init__(self, cfg: Config, split: Split, split_name: str, *, rank: int, world_size: int,
                  device: torch.device, batch_size: int, index: DatasetIndex | None = None):

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from fastmeal.console import progress_enabled
 from fastmeal.data.common import SPLITS, DataError, Split, scan_split
+from fastmeal.lifecycle import raise_if_stopped
 
 __all__ = ["INDEX_FORMAT", "DatasetIndex", "build_index", "read_image_sizes"]
 
@@ -115,13 +116,18 @@ def read_image_sizes(paths: list[str], *, workers: int = 0, progress: bool = Tru
     with tqdm(total=len(paths), desc=desc, unit="file", disable=not progress_enabled(progress), leave=False) as bar:
         if workers == 1 or len(paths) < _PARALLEL_FROM:
             for chunk in chunks:
+                raise_if_stopped()
                 sizes += _header_sizes(chunk)
                 bar.update(len(chunk))
         else:
-            with _pool(workers) as pool:
+            pool = _pool(workers)
+            try:
                 for chunk, result in zip(chunks, pool.map(_header_sizes, chunks), strict=True):
+                    raise_if_stopped()
                     sizes += result
                     bar.update(len(chunk))
+            finally:
+                pool.shutdown(cancel_futures=True)
     arr = np.array(sizes, dtype=np.int32).reshape(-1, 2)
     return arr[:, 0].copy(), arr[:, 1].copy()
 

@@ -34,6 +34,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from fastmeal.console import progress_enabled
+from fastmeal.lifecycle import raise_if_stopped
 
 FAMILIES = ("stripes", "checker", "dots", "rings", "blobs", "zigzag")
 SPLITS = ("train", "val")
@@ -390,13 +391,18 @@ def synthesize(
     with tqdm(total=total, desc="synthesize", unit="img", disable=not progress_enabled(progress)) as bar:
         if num_workers <= 1:
             for job in jobs:
+                raise_if_stopped()
                 bar.update(_write_class(*job))
         else:
             # fork where available, like torch's DataLoader: the workers only run numpy and Pillow (never the
             # parent's torch thread pools), and spawn would re-import torch through fastmeal.data in every worker.
-            with ProcessPoolExecutor(num_workers, mp_context=_pool_context()) as pool:
+            pool = ProcessPoolExecutor(num_workers, mp_context=_pool_context())
+            try:
                 for future in as_completed([pool.submit(_write_class, *job) for job in jobs]):
+                    raise_if_stopped()
                     bar.update(future.result())
+            finally:
+                pool.shutdown(cancel_futures=True)  # a stop does not wait for the classes not started
 
     odd_paths: dict[str, list[str]] = {kind: [] for kind in ODDITY_KINDS}
     for (split, c, k), kind in sorted(plan.items()):

@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import sys
-import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,6 +37,7 @@ from torchvision import transforms
 from torchvision.transforms import functional as TF
 
 from fastmeal.config import Config
+from fastmeal.data.base import LoaderBase
 from fastmeal.data.common import (
     CROP_AREA,
     CROP_ASPECT,
@@ -45,7 +45,6 @@ from fastmeal.data.common import (
     IMAGENET_STD,
     CorruptImageError,
     DataError,
-    LoaderBase,
     Split,
     clamp_workers,
     epoch_order,
@@ -54,22 +53,21 @@ from fastmeal.data.common import (
 )
 from fastmeal.data.index import DatasetIndex
 from fastmeal.data.plan import plan_crops
-from fastmeal.distributed import ignore_preemption_signals, worker_signals_blocked
+from fastmeal.lifecycle import register_loader, unregister_loader, worker_init, workers_starting
 
 log = logging.getLogger(__name__)
 
-# Every DataLoader iterator with worker processes, for close_loaders() on every exit path. The iterators,
-# not the loaders: after an exception, an iterator can outlive its loader in a cycle with the traceback.
-LIVE_ITERATORS: weakref.WeakSet[Any] = weakref.WeakSet()
-
-
 def close_iterator(iterator: Any) -> None:
-    """End a DataLoader iterator's worker processes now: the graceful way, then SIGKILL for any left."""
+    """End a DataLoader iterator's worker processes now: the graceful way, then SIGKILL for any left.
+
+    The iterators are what :func:`fastmeal.lifecycle.close_loaders` closes, not the loaders: after an
+    exception, an iterator can outlive its loader in a cycle with the traceback.
+    """
     workers = list(getattr(iterator, "_workers", ()))
     if any(getattr(w, "_parent_pid", os.getpid()) != os.getpid() for w in workers):
         # Inherited through a fork (a rank forked from a process that had loaders): not this process's
         # workers, and shutting them down from here would use the parent's queues.
-        LIVE_ITERATORS.discard(iterator)
+        unregister_loader(iterator)
         return
     with contextlib.suppress(Exception):
         iterator._shutdown_workers()  # each worker reads its end marker and exits; its pids are unregistered
@@ -77,7 +75,7 @@ def close_iterator(iterator: Any) -> None:
         if w.is_alive():
             w.kill()
             w.join(timeout=5)
-    LIVE_ITERATORS.discard(iterator)
+    unregister_loader(iterator)
 
 
 _BILINEAR = transforms.InterpolationMode.BILINEAR
@@ -226,10 +224,10 @@ def _collate(batch: list[tuple[torch.Tensor, int, tuple[str, ...]]]) -> tuple[to
 
 def _worker_errors_named(loader: DataLoader) -> Iterator:
     """Iterate ``loader``; a worker's CorruptImageError comes out with its own message, not the worker's traceback."""
-    with worker_signals_blocked():  # workers started here ignore the rank's signals from their first instant
+    with workers_starting():  # workers started here ignore the rank's signals from their first instant
         iterator = iter(loader)
-        if getattr(iterator, "_workers", None):
-            LIVE_ITERATORS.add(iterator)
+    if getattr(iterator, "_workers", None):
+        register_loader(iterator, close_iterator)
     while True:
         try:
             batch = next(iterator)
@@ -279,7 +277,7 @@ class TorchvisionLoader(LoaderBase):
                                   generator=torch.Generator().manual_seed(cfg.runtime.seed + rank),
                                   multiprocessing_context=context,
                                   # the rank handles SIGTERM/SIGUSR1 (preemption); its workers must not die of it
-                                  worker_init_fn=ignore_preemption_signals,
+                                  worker_init_fn=worker_init,
                                   prefetch_factor=cfg.data.prefetch if workers else None)
 
 

@@ -1,0 +1,90 @@
+"""``fastmeal train``: a config in, a finished (or cleanly stopped) run out.
+
+:func:`build_trainer` builds a run's parts from its config (process group, loaders, student, the
+objective of ``loss.mode`` with its teachers or bank), :func:`train` resumes and fits it. Stop requests
+(Ctrl-C, SIGTERM, SIGUSR1) are recorded from the CLI's start on (:mod:`fastmeal.lifecycle`): one during
+set-up ends it at the next phase, one during training after the current step, with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fastmeal import lifecycle
+from fastmeal.config import Config
+from fastmeal.distributed import DistInfo
+from fastmeal.hooks import TrainerHook, default_hooks
+from fastmeal.trainer import Trainer, seed_everything
+
+log = logging.getLogger("fastmeal.run")
+
+
+def build_trainer(cfg: Config, *, dist: DistInfo | None = None, hooks: Sequence[TrainerHook] = ()) -> Trainer:
+    """Build loaders, student and objective from ``cfg`` and wrap them in a :class:`~fastmeal.trainer.Trainer`.
+
+    Models are initialised from ``runtime.seed`` (the same on every rank; DDP broadcasts rank 0's
+    anyway); after that each rank draws from ``seed + rank``. Between phases a stop request ends the
+    set-up (:class:`~fastmeal.lifecycle.Stopped`).
+    """
+    from fastmeal.data import build_loader
+    from fastmeal.distributed import check_global_batches, init_distributed, per_rank_batch, world_size_from_env
+    from fastmeal.models.factory import build_student
+    from fastmeal.objectives import build_objective
+    from fastmeal.trainer import check_loaders
+
+    # Before joining the process group, so that every rank fails at once instead of waiting for the others.
+    check_global_batches(cfg.data, dist.world_size if dist else world_size_from_env())
+    dist = dist or init_distributed(cfg.runtime.device)
+    lifecycle.raise_if_stopped()
+    seed_everything(cfg.runtime.seed)
+    # Built, not started: no loader thread or worker runs before the teachers' graphs are captured below.
+    train_loader = build_loader(cfg, "train", rank=dist.rank, world_size=dist.world_size, device=dist.device)
+    val_loader = build_loader(cfg, "val", rank=dist.rank, world_size=dist.world_size, device=dist.device)
+    check_loaders(cfg, train_loader, val_loader)  # before any model is built or loaded
+    lifecycle.raise_if_stopped()
+    student = build_student(cfg)
+    objective = build_objective(cfg, device=dist.device, batch_size=per_rank_batch(cfg.data.batch_size,
+                                                                                   dist.world_size))
+    lifecycle.raise_if_stopped()
+    seed_everything(cfg.runtime.seed + dist.rank)
+    return Trainer(cfg, student=student, objective=objective, train_loader=objective.train_loader(train_loader),
+                   val_loader=val_loader, dist=dist, hooks=hooks)
+
+
+def train(cfg: Config, *, hooks: Sequence[TrainerHook] = ()) -> dict[str, Any]:
+    """``fastmeal train``: build everything from ``cfg``, resume as ``runtime.resume`` says, fit.
+
+    Returns:
+        The trainer's summary plus ``run_dir`` and ``resumed_from``. A stop request during set-up gives the
+        summary of a run that did not start (``global_step`` of the checkpoint it would have resumed from).
+    """
+    from fastmeal.distributed import shutdown
+    from fastmeal.rundir import next_free_run_dir
+
+    if cfg.runtime.if_exists == "new" and not cfg.runtime.resume:
+        free = next_free_run_dir(Path(cfg.resolved_run_dir))
+        if str(free) != cfg.resolved_run_dir:
+            log.info("runtime.if_exists=new: %s holds a run; training into %s", cfg.resolved_run_dir, free)
+            cfg = cfg.replace({"runtime.run_dir": str(free)})
+    trainer = None
+    with lifecycle.handling_stops():
+        try:
+            trainer = build_trainer(cfg, hooks=[*default_hooks(cfg), *hooks])
+            resumed = trainer.resume(cfg.runtime.resume)
+            summary = trainer.fit()
+        except lifecycle.Stopped as stop:
+            if stop.reason == "SIGINT":
+                raise
+            log.warning("%s during set-up: stopped before the first step", lifecycle.describe(stop.reason))
+            summary = {"epochs": 0, "global_step": 0, "last_eval": None, "best_top1": None,
+                       "stopped": lifecycle.describe(stop.reason), "train_images_per_s": None, "seconds": 0.0}
+            return {**summary, "run_dir": cfg.resolved_run_dir, "resumed_from": None}
+        finally:
+            if trainer is not None:
+                trainer.checkpoints.close()
+            lifecycle.close_loaders()  # the loaders' worker processes end now, on every path
+            shutdown()
+    return {**summary, "run_dir": str(trainer.run_dir), "resumed_from": str(resumed) if resumed else None}
