@@ -705,6 +705,30 @@ class Checkpointer:
             log.info("metrics.jsonl now ends at the checkpoint's global step %d (%d record(s) of later steps "
                      "dropped, %d re-added)", step, dropped, len(keep) + dropped - len(rows))
 
+    def report_disk_needs(self, state_bytes: int, student_bytes: int) -> None:
+        """Log (rank 0) what the run dir will hold at most next to the free space; warn when it does not fit.
+
+        Args:
+            state_bytes: the trained tensors (student and discriminator); a checkpoint holds them twice
+                (weights and SGD momentum).
+            student_bytes: the student's weights alone (four exports: last and best, .pth and .safetensors).
+        """
+        if not self.dist.is_main:
+            return
+        checkpoint = 2 * state_bytes
+        need = checkpoint * (self.manager.keep_last + 1) + 4 * student_bytes
+        try:
+            free = shutil.disk_usage(self.run_dir).free
+        except OSError:
+            return
+        gib = 2**30
+        line = (f"run dir {self.run_dir}: up to {need / gib:.2f} GiB ({self.manager.keep_last} checkpoints of "
+                f"{checkpoint / gib:.2f} GiB, best.pt, 4 student exports); {free / gib:.1f} GiB free")
+        if need > free:
+            log.warning("%s: not enough for the whole run (lower runtime.keep_last or free some space)", line)
+        else:
+            log.info(line)
+
     def clear_marker(self) -> None:
         """A starting run is not preempted (rank 0)."""
         if self.dist.is_main:

@@ -154,6 +154,10 @@ def check_loaders(cfg: Config, train_loader: Any, val_loader: Any | None) -> Non
                              f"{loader.num_classes} (teachers, student and dataset must agree)")
 
 
+def _bytes(state: dict[str, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA)."""
     random.seed(seed)
@@ -190,6 +194,11 @@ class Trainer:
             raise SetupError(f"the student ({cfg.model.student}) predicts {model_num_classes(student)} classes but "
                              f"model.num_classes={cfg.model.num_classes}")
         check_loaders(cfg, train_loader, val_loader)
+        if getattr(train_loader, "batch_size", 2) == 1 and any(
+                isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules()):
+            raise SetupError(f"data.batch_size={cfg.data.batch_size} gives 1 image per rank on {self.dist.world_size} "
+                             f"rank(s): {cfg.model.student}'s BatchNorm cannot train on a batch of one; use at least "
+                             f"2 images per rank (data.batch_size={2 * self.dist.world_size})")
         self.objective = objective
         self.train_loader, self.val_loader = train_loader, val_loader
 
@@ -311,6 +320,7 @@ class Trainer:
         if self.is_main:
             atomic_write_bytes(self.run_dir / "config.json", (self.cfg.to_json() + "\n").encode())
             self.checkpoints.clear_marker()
+            self.checkpoints.report_disk_needs(_bytes(self.model.state_dict()), _bytes(self.model.student.state_dict()))
         self.writer = MetricsWriter(self.run_dir, enabled=self.is_main, tensorboard=self.cfg.logging.tensorboard)
         start = time.perf_counter()
         self._fit_origin = (start, self.global_step)
@@ -426,6 +436,9 @@ class Trainer:
                                   "train_images_per_s": epoch_samples / train_seconds if train_seconds else math.nan,
                                   "data_wait": epoch_data_wait / train_seconds if train_seconds else math.nan}
         broadcast_buffers(self.model)  # every rank evaluates rank 0's BN statistics, the ones its checkpoint stores
+        self.epoch, self.step_in_epoch = epoch + 1, 0
+        if self.val_loader is not None:  # the epoch's training is on disk before its evaluation can fail
+            self.save_checkpoint(record=record)
         top1 = self._evaluate(epoch, record)
         is_best = top1 is not None and (self.best_top1 is None or top1 > self.best_top1)
         if is_best:
@@ -434,8 +447,8 @@ class Trainer:
         if self.is_main:
             log.info("epoch %d done | best top-1 %s | run ETA %s", epoch,
                      "n/a" if self.best_top1 is None else f"{self.best_top1:.2f}", format_duration(self.eta_seconds()))
-        self.epoch, self.step_in_epoch = epoch + 1, 0
-        # The checkpoint carries its own evaluation and epoch record (a resume re-adds a record a kill lost).
+        # The same step's checkpoint again, now with its evaluation and epoch record (a resume re-adds a record a
+        # kill lost); best.pt follows it.
         self.save_checkpoint(top1=top1, is_best=is_best, record=record)
         self.history.append(record)
         self.writer.write("epoch", record)

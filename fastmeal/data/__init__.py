@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from fastmeal.config import Config
+from fastmeal.data.base import check_readable
 from fastmeal.data.common import CorruptImageError, DataError, images_dtype, scan_split
 from fastmeal.data.index import DatasetIndex, build_index
 from fastmeal.distributed import per_rank_batch, resolve_device
@@ -118,14 +119,19 @@ def build_loader(cfg: Config, split: str, *, rank: int = 0, world_size: int = 1,
                    if name != backend and list(BACKENDS).index(name) < list(BACKENDS).index(backend)]
         log.info("data.backend=auto chose %s%s", backend, f" ({'; '.join(skipped)})" if skipped else "")
     scanned = scan_split(cfg.data.root, split)
-    index = _shared_index(cfg, scanned, rank=rank, world_size=world_size) if split == "train" else None
+    # Both splits' headers are read at start-up (cached): a val file that cannot decode fails now, not after
+    # the first epoch. Only the train loader keeps the index (the crop plan reads its sizes).
+    index = _shared_index(cfg, scanned, rank=rank, world_size=world_size)
+    if split != "train":
+        check_readable(index, cfg.data.skip_corrupt)
+        index = None
     loader = resolve(BACKENDS, backend)
     return loader(cfg, scanned, split, rank=rank, world_size=world_size, device=device, batch_size=batch_size,
                   index=index)
 
 
 def _shared_index(cfg: Config, split, *, rank: int, world_size: int) -> DatasetIndex:
-    """The train split's index; in a process group rank 0 builds (and caches) it while the others wait."""
+    """A split's index; in a process group rank 0 builds (and caches) it while the others wait."""
     import torch.distributed as tdist
 
     grouped = world_size > 1 and tdist.is_available() and tdist.is_initialized()

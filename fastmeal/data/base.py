@@ -23,6 +23,15 @@ from fastmeal.data.index import DatasetIndex
 log = logging.getLogger("fastmeal.data")
 
 
+def check_readable(index: DatasetIndex, skip_corrupt: bool) -> None:
+    """Fail at start-up, naming them, on files without a readable image header (unless ``data.skip_corrupt``)."""
+    bad_paths = [index.paths[i] for i in index.unreadable]
+    if bad_paths and not skip_corrupt:
+        shown = ", ".join(bad_paths[:5]) + (" ..." if len(bad_paths) > 5 else "")
+        raise CorruptImageError(f"cannot decode image file(s) {shown} ({len(bad_paths)} without a readable "
+                                "image header); set data.skip_corrupt=true to skip such files")
+
+
 class LoaderBase:
     """What both backends share of the Loader protocol (``fastmeal.data.Loader``).
 
@@ -55,7 +64,15 @@ class LoaderBase:
             raise ValueError("a train loader needs the split's DatasetIndex (the crop plan reads its image sizes)")
         self.sampler = build_sampler(split_name, len(split), rank=rank, world_size=world_size, seed=cfg.runtime.seed)
         drop_last = self.train and cfg.data.last_batch == "drop"
-        self.num_batches, self.num_samples = epoch_counts(len(self.sampler), batch_size, drop_last)
+        per_rank = len(self.sampler)
+        if self.train and not drop_last and per_rank % batch_size == 1 and per_rank > 1:
+            # BatchNorm cannot normalise one image in training mode ("Expected more than 1 value per channel").
+            drop_last = True
+            if rank == 0:
+                log.warning("the last training batch of each epoch would hold 1 image per rank, which BatchNorm "
+                            "cannot normalise: it is left out (1 of %d images per rank and epoch; the same in a "
+                            "resumed run)", per_rank)
+        self.num_batches, self.num_samples = epoch_counts(per_rank, batch_size, drop_last)
         self._skipped: set[str] = set()
         self._epoch = 0  # the epoch of the next pass
         self._start_step = 0  # and the step it starts at
@@ -66,12 +83,8 @@ class LoaderBase:
 
     def _substitute_unreadable(self, index: DatasetIndex, skip_corrupt: bool) -> None:
         """Files without a readable header fail now (or are replaced now), not hours into the run."""
-        bad_paths = [index.paths[i] for i in index.unreadable]
-        if not skip_corrupt:
-            shown = ", ".join(bad_paths[:5]) + (" ..." if len(bad_paths) > 5 else "")
-            raise CorruptImageError(f"cannot decode image file(s) {shown} ({len(bad_paths)} without a readable "
-                                    "image header); set data.skip_corrupt=true to skip such files")
-        bad: set[str] = set(bad_paths)
+        check_readable(index, skip_corrupt)
+        bad: set[str] = {index.paths[i] for i in index.unreadable}
         for i in index.unreadable.tolist():
             self.substitutes[i] = next_decodable(index.paths, i + 1, bad)
             self._skipped.add(index.paths[i])
