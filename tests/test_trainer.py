@@ -772,3 +772,35 @@ def test_compiled_cutmix_step_does_not_recompile_for_each_lambda(tmp_path, monke
     compiled_losses += _steps(compiled, 3)
     assert compiled.compiled and after_first >= 1 and len(graphs) == after_first
     torch.testing.assert_close(compiled_losses, eager_losses, rtol=1e-5, atol=1e-6)
+
+
+def test_out_of_memory_is_not_a_compile_failure_and_names_the_batch(tmp_path, monkeypatch):
+    import fastmeal.trainer
+    from fastmeal.errors import OutOfMemoryError
+
+    monkeypatch.setitem(fastmeal.trainer.COMPILE_OPTIONS, "backend", "aot_eager")
+    torch._dynamo.reset()
+    trainer = make_trainer(tiny_config(tmp_path, **{"runtime.compile": "on"}))
+
+    def out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    trainer.train_model = out_of_memory
+    with pytest.raises(OutOfMemoryError, match=r"of 8 images per rank \(data.batch_size=64 over 1 rank"):
+        _steps(trainer, 1)
+    assert trainer.compiled and trainer.compile_failure is None  # no eager fallback was tried
+
+
+def test_a_compile_fallback_is_recorded_with_its_step_in_the_metrics(tmp_path, monkeypatch):
+    import fastmeal.trainer
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setitem(fastmeal.trainer.COMPILE_OPTIONS, "backend", broken_backend)
+    torch._dynamo.reset()
+    trainer = make_trainer(tiny_config(tmp_path, **{"runtime.compile": "on", "schedule.epochs": 1}))
+    trainer.fit()
+    (event,) = read_jsonl(tmp_path / "run" / "metrics.jsonl", "compile_fallback")
+    assert event["global_step"] == 0 and "no compiler here" in event["cause"]
+    assert "no compiler here" in trainer.compile_failure
