@@ -86,8 +86,9 @@ from fastmeal.data.torchvision import build_transform  # noqa: E402
 from fastmeal.losses import reference_meal_v2_loss  # noqa: E402
 from fastmeal.models.factory import build_discriminator, build_student, build_teachers, create_model  # noqa: E402
 from fastmeal.objectives import Objective, build_objective  # noqa: E402
+from fastmeal.optim import build_optimizer  # noqa: E402
 from fastmeal.profiling import phase  # noqa: E402
-from fastmeal.trainer import TrainedModel, Trainer, build_optimizer  # noqa: E402
+from fastmeal.trainer import TrainedModel, Trainer  # noqa: E402
 
 MODES = ("reference", "fastmeal", "fastmeal_eager", "bank")
 BANK_TOP_K = 5

@@ -29,11 +29,10 @@ def build_trainer(cfg: Config, *, dist: DistInfo | None = None, hooks: Sequence[
     anyway); after that each rank draws from ``seed + rank``. Between phases a stop request ends the
     set-up (:class:`~fastmeal.lifecycle.Stopped`).
     """
-    from fastmeal.data import build_loader
+    from fastmeal.data import build_loader, check_loaders
     from fastmeal.distributed import check_global_batches, init_distributed, per_rank_batch, world_size_from_env
     from fastmeal.models.factory import build_student
     from fastmeal.objectives import build_objective
-    from fastmeal.trainer import check_loaders
 
     # Before joining the process group, so that every rank fails at once instead of waiting for the others.
     check_global_batches(cfg.data, dist.world_size if dist else world_size_from_env())

@@ -34,6 +34,7 @@ from fastmeal.batch import Batch, cutmix_
 from fastmeal.checkpoint import FORMAT, VERSION, Checkpointer, CheckpointError, capture_rng_state, restore_rng_state
 from fastmeal.config import Config
 from fastmeal.console import format_duration, log_through_tqdm, progress_enabled
+from fastmeal.data import check_loaders
 from fastmeal.distributed import DistInfo, broadcast_buffers, configure_device, resolve_device
 from fastmeal.errors import NonFiniteError, OutOfMemoryError, SetupError
 from fastmeal.evaluate import autocast_context, evaluate, resolve_precision
@@ -41,59 +42,10 @@ from fastmeal.hooks import TrainerHook
 from fastmeal.metrics import DeviceMeans, MetricsWriter, topk_correct
 from fastmeal.models.factory import load_state_dict_checked, model_num_classes
 from fastmeal.objectives import Objective
+from fastmeal.optim import build_optimizer, init_momentum_buffers
 from fastmeal.profiling import phase
 
 log = logging.getLogger("fastmeal.trainer")
-
-
-def build_optimizer(cfg: Config, model: TrainedModel, device: torch.device) -> torch.optim.Optimizer:
-    """One SGD over the student's and the objective's parameters (named groups ``student``, ``discriminator``).
-
-    ``optim.impl``: ``auto`` = torch's fused SGD on CUDA, foreach on the CPU; ``torch`` = torch's
-    default implementation (the reference's); ``apex`` = apex's FusedSGD (fails with the install
-    command when apex is absent).
-    """
-    groups = [{"params": [p for p in model.student.parameters() if p.requires_grad], "name": "student"},
-              *model.objective.param_groups()]
-    o = cfg.optim
-    kwargs: dict[str, Any] = {"lr": cfg.lr_at(0), "momentum": o.momentum, "nesterov": o.nesterov,
-                              "weight_decay": o.weight_decay}
-    if o.impl == "apex":
-        if device.type != "cuda":
-            raise RuntimeError("optim.impl=apex needs CUDA; use optim.impl=auto on the CPU")
-        try:
-            from apex.optimizers import FusedSGD
-        except ImportError as err:
-            raise RuntimeError("optim.impl=apex needs NVIDIA apex built with --cuda_ext: "
-                               "pip install -v --no-build-isolation --config-settings '--build-option=--cpp_ext' "
-                               "--config-settings '--build-option=--cuda_ext' git+https://github.com/NVIDIA/apex; "
-                               "or use optim.impl=auto (torch's fused SGD)") from err
-        return FusedSGD(groups, **kwargs)
-    if o.impl == "auto":
-        kwargs["fused" if device.type == "cuda" else "foreach"] = True
-    optimizer = torch.optim.SGD(groups, **kwargs)
-    init_momentum_buffers(optimizer)
-    return optimizer
-
-
-@torch.no_grad()
-def init_momentum_buffers(optimizer: torch.optim.SGD) -> None:
-    """Give every parameter a zero momentum buffer before the first step (SGD with momentum, no dampening).
-
-    torch's fused SGD allocates the buffers of its first step with ``empty_like`` and lets the kernel fill
-    them; when a GradScaler skips that step (fp16's first steps usually overflow) the kernel returns early,
-    ``SGD.step`` stores the unwritten buffers anyway, and the next step reads uninitialised memory. With
-    zeros there is no "first step": ``buf = momentum · 0 + grad`` is exactly the first-step rule.
-    """
-    for group in optimizer.param_groups:
-        if group["momentum"] == 0:
-            continue
-        if group.get("dampening", 0) != 0:
-            raise ValueError("zero-initialised momentum needs dampening 0 (the first step would differ)")
-        for p in group["params"]:
-            state = optimizer.state[p]
-            if state.get("momentum_buffer") is None:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def compile_enabled(setting: str, device: torch.device) -> bool:
@@ -131,27 +83,6 @@ class TrainedModel(nn.Module):
             out = dict(self.objective(logits, labels, targets))
         out["logits"] = logits
         return out
-
-
-def check_loaders(cfg: Config, train_loader: Any, val_loader: Any | None) -> None:
-    """Fail with the fix when the splits' classes differ from each other or from ``model.num_classes``."""
-    train_classes = getattr(train_loader, "classes", None)
-    val_classes = getattr(val_loader, "classes", None) if val_loader is not None else None
-    if train_classes is not None and val_classes is not None and tuple(train_classes) != tuple(val_classes):
-        only_train = sorted(set(train_classes) - set(val_classes))
-        only_val = sorted(set(val_classes) - set(train_classes))
-        parts = [f"only in train/: {', '.join(only_train[:10])}" if only_train else "",
-                 f"only in val/: {', '.join(only_val[:10])}" if only_val else ""]
-        differ = "; ".join(p for p in parts if p) or "the same names in another order"
-        raise SetupError(f"data.root={cfg.data.root!r}: the train split has {len(train_classes)} classes and the val "
-                         f"split {len(val_classes)}, and their names differ ({differ}); labels come from the sorted "
-                         "folder names, so both splits must hold the same class folders (fastmeal data check lists "
-                         "them)")
-    for split, loader in (("train", train_loader), ("val", val_loader)):
-        if loader is not None and loader.num_classes != cfg.model.num_classes:
-            raise SetupError(f"data.root={cfg.data.root!r}: the {split} split has {loader.num_classes} classes but "
-                             f"model.num_classes={cfg.model.num_classes}; set --set model.num_classes="
-                             f"{loader.num_classes} (teachers, student and dataset must agree)")
 
 
 def _bytes(state: dict[str, Tensor]) -> int:

@@ -489,7 +489,7 @@ def test_topk_with_fewer_classes_than_k():
 
 
 def test_optimizer_choices(tmp_path):
-    from fastmeal.trainer import build_optimizer
+    from fastmeal.optim import build_optimizer
 
     trainer = make_trainer(tiny_config(tmp_path))
     opt = trainer.optimizer
@@ -577,7 +577,7 @@ def _poisoned_empty_like(monkeypatch):
 @pytest.mark.parametrize("fixed", [False, True])
 def test_fused_sgd_first_step_overflow_with_a_grad_scaler(monkeypatch, fixed):
     """The fused kernel skips an overflowed step but SGD stores the buffers it allocated uninitialised."""
-    from fastmeal.trainer import init_momentum_buffers
+    from fastmeal.optim import init_momentum_buffers
 
     torch.manual_seed(0)
     model = nn.Linear(6, 3)
@@ -618,7 +618,7 @@ def test_fused_sgd_first_step_overflow_with_a_grad_scaler(monkeypatch, fixed):
 
 
 def test_build_optimizer_starts_every_momentum_buffer_at_zero(tmp_path):
-    from fastmeal.trainer import build_optimizer
+    from fastmeal.optim import build_optimizer
 
     trainer = make_trainer(tiny_config(tmp_path))
     for impl in ("auto", "torch"):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from collections.abc import Iterator
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -28,10 +28,11 @@ from fastmeal.data.base import check_readable
 from fastmeal.data.common import CorruptImageError, DataError, images_dtype, scan_split
 from fastmeal.data.index import DatasetIndex, build_index
 from fastmeal.distributed import per_rank_batch, resolve_device
+from fastmeal.errors import SetupError
 from fastmeal.registry import BACKENDS, resolve
 
-__all__ = ["CorruptImageError", "DataError", "DatasetIndex", "Loader", "build_index", "build_loader", "choose_backend",
-           "dali_available", "images_dtype"]
+__all__ = ["CorruptImageError", "DataError", "DatasetIndex", "Loader", "build_index", "build_loader", "check_loaders",
+           "choose_backend", "dali_available", "images_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -144,3 +145,24 @@ def _shared_index(cfg: Config, split, *, rank: int, world_size: int) -> DatasetI
     if grouped:
         tdist.barrier()
     return index
+
+
+def check_loaders(cfg: Config, train_loader: Any, val_loader: Any | None) -> None:
+    """Fail with the fix when the splits' classes differ from each other or from ``model.num_classes``."""
+    train_classes = getattr(train_loader, "classes", None)
+    val_classes = getattr(val_loader, "classes", None) if val_loader is not None else None
+    if train_classes is not None and val_classes is not None and tuple(train_classes) != tuple(val_classes):
+        only_train = sorted(set(train_classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(train_classes))
+        parts = [f"only in train/: {', '.join(only_train[:10])}" if only_train else "",
+                 f"only in val/: {', '.join(only_val[:10])}" if only_val else ""]
+        differ = "; ".join(p for p in parts if p) or "the same names in another order"
+        raise SetupError(f"data.root={cfg.data.root!r}: the train split has {len(train_classes)} classes and the val "
+                         f"split {len(val_classes)}, and their names differ ({differ}); labels come from the sorted "
+                         "folder names, so both splits must hold the same class folders (fastmeal data check lists "
+                         "them)")
+    for split, loader in (("train", train_loader), ("val", val_loader)):
+        if loader is not None and loader.num_classes != cfg.model.num_classes:
+            raise SetupError(f"data.root={cfg.data.root!r}: the {split} split has {loader.num_classes} classes but "
+                             f"model.num_classes={cfg.model.num_classes}; set --set model.num_classes="
+                             f"{loader.num_classes} (teachers, student and dataset must agree)")
