@@ -114,16 +114,39 @@ def _report_user_error(err: Exception) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from fastmeal.distributed import check_global_batches, init_distributed, lost_peer_error, world_size_from_env
     from fastmeal.metrics import finite_json
     from fastmeal.trainer import train
 
     cfg = config_from_args(args, **{"runtime.resume": args.resume})
     _setup_logging()
-    summary = train(cfg)
+    # Join the process group here, with the run's runtime.dist_timeout_s (the trainer finds it joined); a global
+    # batch that does not split fails first, on every rank, before any rank waits for another.
+    check_global_batches(cfg.data, world_size_from_env())
+    init_distributed(cfg.runtime.device, timeout_s=cfg.runtime.dist_timeout_s)
+    try:
+        summary = train(cfg)
+    except Exception as err:
+        lost = lost_peer_error(err)
+        if lost is None:
+            raise
+        raise lost.resuming(_resume_point(cfg.resolved_run_dir)) from err
     # Every rank prints its own summary (torchrun keeps ranks' streams apart): a rank's summary says
     # why it stopped ("preempted by SIGUSR1" on the signalled rank, "by peer" on the others).
     print(json.dumps(finite_json(summary), indent=2, default=str, allow_nan=False))
     return 0
+
+
+def _resume_point(run_dir: str) -> str:
+    """Where ``--resume auto`` continues: the newest checkpoint's step (what a lost peer's message tells)."""
+    from pathlib import Path
+
+    from fastmeal.checkpoint import CheckpointManager
+
+    newest = CheckpointManager(Path(run_dir) / "checkpoints").checkpoints()
+    if not newest:
+        return "a restart with --resume auto starts from step 0 (no checkpoint was written yet)"
+    return f"a restart with --resume auto continues from step {int(newest[0].stem.removeprefix('ckpt-'))}"
 
 
 def cmd_bank_build(args: argparse.Namespace) -> int:
@@ -273,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 130, 141
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_LOST_PEER, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 3, 130, 141
 
 # What a command imports first, with Ctrl-C held back until the imports are done (main). torch, numpy,
 # timm and torchvision take seconds to import; a Ctrl-C inside one leaves it half-imported and unusable.
@@ -296,6 +319,12 @@ def _raised_while_interrupted(err: BaseException) -> bool:
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return False
+
+
+def _lost_peer(err: BaseException):
+    """``err`` as a lost-peer error (:func:`fastmeal.distributed.lost_peer_error`), or None; never imports torch."""
+    distributed = sys.modules.get("fastmeal.distributed")  # not imported: no process group, no peer to lose
+    return distributed.lost_peer_error(err) if distributed is not None else None
 
 
 def _preload(modules: tuple[str, ...]) -> None:
@@ -328,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
 
     0 done (a preempted run included: it wrote its checkpoint); 1 the run failed (NaN loss, full disk,
     vanished run dir, or a bug: with its traceback); 2 bad input (config, data, weights, checkpoint,
-    busy run dir: the message says how to fix it); 130 Ctrl-C; 141 stdout closed early (``| head``).
+    busy run dir: the message says how to fix it); 3 another rank is gone (killed, crashed, hung: one line,
+    a restart continues); 130 Ctrl-C; 141 stdout closed early (``| head``).
     Loader worker processes are ended on every path.
     """
     parser = build_parser()
@@ -352,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if _raised_while_interrupted(err):  # a library's clean-up failed on the way out of a Ctrl-C
             return _interrupted()
+        lost = _lost_peer(err)
+        if lost is not None:  # another rank died or hangs: not this rank's bug, and a restart continues
+            print(f"fastmeal: {lost}", file=sys.stderr)
+            return EXIT_LOST_PEER
         if isinstance(err, _user_errors()):
             return _report_user_error(err)
         if isinstance(err, _failures()):
