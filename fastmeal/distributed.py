@@ -132,9 +132,9 @@ def lost_peer_error(err: BaseException) -> LostPeerError | None:
 
 
 def _first_line(text: str, limit: int = 160) -> str:
-    """The message's first line without the C++ source location gloo/NCCL put in front of it, shortened."""
+    """The message's first sentence without the C++ source location gloo/NCCL put in front of it, shortened."""
     line = next((part.strip() for part in text.splitlines() if part.strip()), "no message")
-    line = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", line)
+    line = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", line).split(". ")[0]
     return line if len(line) <= limit else line[:limit - 3] + "..."
 
 

@@ -270,6 +270,7 @@ def test_a_stopped_peer_ends_the_others_with_the_lost_peer_message(tmp_path):
             if proc.poll() is None:
                 proc.kill()
             proc.communicate()
+    print(f"rank 0 exited {waited:.1f} s after rank 1 was stopped (runtime.dist_timeout_s={timeout_s})")
     assert procs[0].returncode == 3, stderr[-3000:]
     assert re.search(r"^fastmeal: rank 1 of 2 is stopped \(SIGSTOP\) \(.*\); this rank stops; a restart with "
                      r"--resume auto continues from step \d+$", stderr, re.MULTILINE), stderr[-3000:]
