@@ -100,11 +100,15 @@ class _World:
 
 _world: _World | None = None
 
-# Messages of the errors torch raises when a peer is gone: gloo's socket errors and timeouts, NCCL's watchdog
-# abort and remote errors, and the store's (TCPStore) when the rank that hosts it is gone. Lower case.
+# Messages of the errors torch raises when a peer is gone (lower case): a connection the peer's death closed
+# (gloo's sockets, the store's when the rank hosting it is gone), NCCL's remote errors and aborted
+# communicators; and timeouts, but only from torch.distributed itself (a DistError, or gloo's, NCCL's or the
+# store's message): a timeout elsewhere is no news about a peer.
 _LOST_PEER_MARKS = ("connection reset by peer", "connection closed by peer", "connection refused", "broken pipe",
-                    "timed out", "timeout", "connectfullmesh", "communicator was aborted", "has been aborted",
-                    "ncclremoteerror", "ncclsystemerror", "remote process exited", "socket closed")
+                    "connectfullmesh", "communicator was aborted", "ncclremoteerror", "ncclsystemerror",
+                    "remote process exited")
+_TIMEOUT_MARKS = ("timed out", "timeout", "has been aborted")
+_DIST_SOURCES = ("gloo", "nccl", "processgroup", "tcpstore", "store")
 
 
 def lost_peer_error(err: BaseException) -> LostPeerError | None:
@@ -122,13 +126,19 @@ def lost_peer_error(err: BaseException) -> LostPeerError | None:
         if isinstance(node, LostPeerError):
             return node
         if _world is not None and _world.world_size > 1 and isinstance(node, RuntimeError) and not isinstance(
-                node, OSError):
-            text = str(node)
-            if any(mark in text.lower() for mark in _LOST_PEER_MARKS):
-                return LostPeerError(_who_is_gone(), _first_line(text))
+                node, OSError) and _says_peer_lost(node):
+            return LostPeerError(_who_is_gone(), _first_line(str(node)))
         seen.add(id(node))
         node = node.__cause__ or node.__context__
     return None
+
+
+def _says_peer_lost(err: RuntimeError) -> bool:
+    text = str(err).lower()
+    if any(mark in text for mark in _LOST_PEER_MARKS):
+        return True
+    from_dist = isinstance(err, dist.DistError) or any(source in text for source in _DIST_SOURCES)
+    return from_dist and any(mark in text for mark in _TIMEOUT_MARKS)
 
 
 def _first_line(text: str, limit: int = 160) -> str:

@@ -297,6 +297,11 @@ def test_lost_peer_errors_are_recognised_in_the_chain_and_name_the_gone_rank(mon
                             "OpType=ALLREDUCE) ran for 300000 milliseconds before timing out.")
         assert fd.lost_peer_error(nccl) is not None
         assert fd.lost_peer_error(dist.DistNetworkError("Connection reset by peer")) is not None
+        gloo_timeout = RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out "
+                                    "waiting 3000ms for recv operation to complete")
+        assert "Timed out waiting 3000ms for recv operation to complete)" in str(fd.lost_peer_error(gloo_timeout))
+        assert fd.lost_peer_error(dist.DistStoreError("Socket Timeout")) is not None
+        assert fd.lost_peer_error(RuntimeError("reading the image timed out")) is None  # a timeout, not torch's
         # Not a lost peer: another error, an OSError of this rank (a network file system), a world of one.
         assert fd.lost_peer_error(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")) is None
         assert fd.lost_peer_error(ConnectionResetError(104, "Connection reset by peer")) is None

@@ -155,9 +155,11 @@ def kill_one_rank_and_restart(root: Path, trial: str, seed: int) -> dict:
             time.sleep(0.05)
         out, _ = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # torchrun starts each rank in a session of its own: end them by name too
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+            for pid in _processes_of(str(run_dir)):
+                os.kill(pid, signal.SIGKILL)
     time.sleep(1)  # loader workers end with their rank (PR_SET_PDEATHSIG); give the kernel a moment
     logs = _rank_logs(log_dir)
     survivor = logs.get((0, 1 - victim), "")
@@ -180,6 +182,12 @@ def check_recovered(result: dict, reference: Path) -> list[str]:
                      r"continues from step \d+\n", result["survivor"])
     if line is None:
         problems.append(f"no lost-peer line from the survivor: {result['survivor'][-1500:]}")
+    else:  # the step it names is where the restart resumed: nothing was written after the failure
+        step = int(re.search(r"from step (\d+)", line.group(0)).group(1))
+        resumed = re.search(r'"resumed_from": ".*ckpt-(\d+)\.pt"', result["logs"].get((1, 0), ""))
+        if resumed is None or int(resumed.group(1)) != step:
+            problems.append(f"the message says step {step}, the restart resumed from "
+                            f"{resumed.group(1) if resumed else 'nothing'}")
     if any(TRACEBACK in text for text in result["logs"].values()):
         problems.append("a traceback in a rank's output")
     if result["left"]:
