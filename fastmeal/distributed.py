@@ -161,7 +161,9 @@ def _who_is_gone() -> str:
                 states.append(f"rank {rank} of {world.world_size} is {state}")
     if states:
         return "; ".join(states)
-    if world.peers and all(host == here for host, _ in world.peers):
+    if not world.peers:  # the set-up itself failed: no table yet
+        return f"a peer of rank {world.rank} of {world.world_size} did not answer"
+    if all(host == here for host, _ in world.peers):
         return f"a peer of rank {world.rank} of {world.world_size} stopped answering"
     return f"a peer of rank {world.rank} of {world.world_size} is gone or stopped answering (on another node)"
 
