@@ -283,7 +283,8 @@ def test_a_stopped_peer_ends_the_others_with_the_lost_peer_message(tmp_path):
     assert re.search(r"^fastmeal: rank 1 of 2 is stopped \(SIGSTOP\) \(.*\); this rank stops; a restart with "
                      r"--resume auto continues from step \d+$", stderr, re.MULTILINE), stderr[-3000:]
     assert TRACEBACK not in stderr
-    # One timeout to notice, and a second one at most for the clean-up's last exchange with the same peer.
+    # One timeout to notice it; the clean-up and the exit of a process with torch and a loader worker take a few
+    # seconds more on a loaded 2-core machine (measured: 8.8-9.5 s in all with the 5 s timeout).
     assert timeout_s <= waited < 2 * timeout_s + 10, waited
 
 
