@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # MEAL V2 on one DGX (8 GPUs), without a scheduler: torchrun --standalone, a graceful stop on SIGTERM,
-# and resume where it stopped when started again.
+# a restart of all ranks when one dies (--max-restarts), and resume where it stopped when started again.
 #
 #   DATA=/data/imagenet examples/dgx_single_node.sh                        # r50_224, all GPUs of the node
 #   PRESET=r18_224 NPROC=4 examples/dgx_single_node.sh --set data.workers=12   # extra overrides
@@ -13,10 +13,13 @@ PRESET=${PRESET:-r50_224}
 DATA=${DATA:-/datasets/imagenet}
 RUN_DIR=${RUN_DIR:-runs/$PRESET}
 NPROC=${NPROC:-$(nvidia-smi -L | wc -l)}
+# A rank that dies (out of memory, GPU error, killed) makes the others stop (exit 3); torchrun then starts
+# every rank again, up to this many times, and they resume from the last checkpoint.
+MAX_RESTARTS=${MAX_RESTARTS:-3}
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-90}  # recent torchrun; older: 30 s
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 
-torchrun --standalone --nproc-per-node "$NPROC" \
+torchrun --standalone --nproc-per-node "$NPROC" --max-restarts "$MAX_RESTARTS" \
   -m fastmeal train --preset "$PRESET" --set data.root="$DATA" --set runtime.run_dir="$RUN_DIR" \
   --resume auto "$@" &
 TORCHRUN_PID=$!

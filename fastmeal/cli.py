@@ -274,7 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_BROKEN_PIPE = 0, 1, 2, 141
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_LOST_PEER, EXIT_BROKEN_PIPE = 0, 1, 2, 3, 141
+
+
+def _lost_peer(err: BaseException):
+    """``err`` as a lost-peer error (:func:`fastmeal.distributed.lost_peer_error`), or None; never imports torch."""
+    distributed = sys.modules.get("fastmeal.distributed")  # not imported: no process group, no peer to lose
+    return distributed.lost_peer_error(err) if distributed is not None else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
 
     0 done (a preempted run included: it wrote its checkpoint); 1 the run failed (NaN loss, full disk,
     vanished run dir, or a bug: with its traceback); 2 bad input (config, data, weights, checkpoint,
-    busy run dir: the message says how to fix it); 130 Ctrl-C (a run stops after its step, with a
+    busy run dir: the message says how to fix it); 3 another rank is gone (killed, crashed, hung: one line,
+    a restart continues); 130 Ctrl-C (a run stops after its step, with a
     checkpoint; a second Ctrl-C exits at once); 143/138 SIGTERM/SIGUSR1 outside training; 141 stdout
     closed early (``| head``). Stop signals only record a request (:mod:`fastmeal.lifecycle`); loader
     worker processes are ended on every path.
@@ -311,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return EXIT_BROKEN_PIPE
         except Exception as err:
+            lost = _lost_peer(err)
+            if lost is not None:  # another rank died or hangs: not this rank's bug, and a restart continues
+                print(f"fastmeal: {lost}", file=sys.stderr)
+                return EXIT_LOST_PEER
             if isinstance(err, _user_errors()):
                 return _report_user_error(err)
             if isinstance(err, _failures()):

@@ -239,6 +239,10 @@ class RuntimeConfig:
     compile: str = "auto"  # auto | on | off
     # cuDNN autotuning: the batch shapes are fixed (the teachers' graphs pad the last batch), so it pays once.
     cudnn_benchmark: bool = True
+    # Seconds a collective (and the process-group set-up) waits for the other ranks before this rank stops
+    # with "a peer is gone" (exit 3) instead of hanging. Waits are the ranks' skew, not a phase's length: all
+    # ranks compile, evaluate and load together; rank 0 alone writes a checkpoint while the others wait.
+    dist_timeout_s: int = 300
 
     def __post_init__(self) -> None:
         _check_choice("runtime.device", self.device, ("auto", "cpu", "cuda"))
@@ -246,6 +250,7 @@ class RuntimeConfig:
         _check_choice("runtime.if_exists", self.if_exists, ("error", "overwrite", "new"))
         _check_positive("runtime.checkpoint_every_steps", self.checkpoint_every_steps, allow_zero=True)
         _check_positive("runtime.keep_last", self.keep_last)
+        _check_positive("runtime.dist_timeout_s", self.dist_timeout_s)
         _check_positive("runtime.max_steps_per_epoch", self.max_steps_per_epoch, allow_zero=True)
         if not self.run_dir:
             raise ConfigError("runtime.run_dir must not be empty")

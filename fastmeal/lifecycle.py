@@ -104,6 +104,26 @@ def handling_stops() -> Iterator[None]:
             _requests.clear()
 
 
+@contextlib.contextmanager
+def default_stop_action() -> Iterator[None]:
+    """The stop signals end the process for the block (their default action), then get their handlers back.
+
+    For a call that blocks in C++ (the process group's set-up waits up to its timeout for the other
+    ranks): a recorded request would only be seen when it returns, and nothing of the run exists yet
+    to save. A signal set to be ignored stays ignored; off the main thread the block changes nothing.
+    """
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in _stop_signums():
+            if signal.getsignal(signum) not in (signal.SIG_IGN, signal.SIG_DFL, None):
+                previous[signum] = signal.signal(signum, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def request_stop(reason: str) -> None:
     """Ask for a stop from code (a hook's decision): the same path as a signal."""
     _requests.append(reason)

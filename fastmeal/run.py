@@ -36,7 +36,7 @@ def build_trainer(cfg: Config, *, dist: DistInfo | None = None, hooks: Sequence[
 
     # Before joining the process group, so that every rank fails at once instead of waiting for the others.
     check_global_batches(cfg.data, dist.world_size if dist else world_size_from_env())
-    dist = dist or init_distributed(cfg.runtime.device)
+    dist = dist or init_distributed(cfg.runtime.device, timeout_s=cfg.runtime.dist_timeout_s)
     lifecycle.raise_if_stopped()
     seed_everything(cfg.runtime.seed)
     # Built, not started: no loader thread or worker runs before the teachers' graphs are captured below.
@@ -60,7 +60,7 @@ def train(cfg: Config, *, hooks: Sequence[TrainerHook] = ()) -> dict[str, Any]:
         The trainer's summary plus ``run_dir`` and ``resumed_from``. A stop request during set-up gives the
         summary of a run that did not start (``global_step`` of the checkpoint it would have resumed from).
     """
-    from fastmeal.distributed import shutdown
+    from fastmeal.distributed import lost_peer_error, shutdown
     from fastmeal.rundir import next_free_run_dir
 
     if cfg.runtime.if_exists == "new" and not cfg.runtime.resume:
@@ -81,9 +81,25 @@ def train(cfg: Config, *, hooks: Sequence[TrainerHook] = ()) -> dict[str, Any]:
             summary = {"epochs": 0, "global_step": 0, "last_eval": None, "best_top1": None,
                        "stopped": lifecycle.describe(stop.reason), "train_images_per_s": None, "seconds": 0.0}
             return {**summary, "run_dir": cfg.resolved_run_dir, "resumed_from": None}
+        except Exception as err:
+            lost = lost_peer_error(err)
+            if lost is None:
+                raise
+            run_dir = trainer.run_dir if trainer is not None else Path(cfg.resolved_run_dir)
+            raise lost.resuming(_resume_point(run_dir)) from err
         finally:
             if trainer is not None:
                 trainer.checkpoints.close()
             lifecycle.close_loaders()  # the loaders' worker processes end now, on every path
             shutdown()
     return {**summary, "run_dir": str(trainer.run_dir), "resumed_from": str(resumed) if resumed else None}
+
+
+def _resume_point(run_dir: Path) -> str:
+    """Where ``--resume auto`` continues: the newest checkpoint's step (what a lost peer's message tells)."""
+    from fastmeal.checkpoint import CheckpointManager
+
+    newest = CheckpointManager(Path(run_dir) / "checkpoints").checkpoints()
+    if not newest:
+        return "a restart with --resume auto starts from step 0 (no checkpoint was written yet)"
+    return f"a restart with --resume auto continues from step {int(newest[0].stem.removeprefix('ckpt-'))}"

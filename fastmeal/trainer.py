@@ -268,8 +268,8 @@ class Trainer:
                         break
                     rates.append(record["train_images_per_s"])
             stopped = self.stops.reason
-        finally:
             self.stops.finish()  # the last agreement exchange, before any barrier or the process group's end
+        finally:  # (after an error the exchange is abandoned: a lost peer would make it wait for the timeout)
             for hook in self.hooks:
                 hook.on_train_end(self)
             self.writer.close()

@@ -101,3 +101,88 @@ def test_collectives_across_two_gloo_ranks():
         # Every rank raises (not only the odd one out), naming every rank's value and the fix.
         assert disagreement == ("the ranks disagree on the checkpoint to resume from (rank 0: 'rank-0'; "
                                 "rank 1: 'rank-1'); use a shared file system")
+
+
+def _restart_round(rank: int, world_size: int, port: int, rank0_delay: float) -> float:
+    """A rank of one torchrun restart round: the store is the agent's (``port``), shared by every round."""
+    import time
+
+    os.environ.update(MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
+    if rank == 0:
+        time.sleep(rank0_delay)  # the other ranks reach the set-up first and would read what the last round left
+    init_distributed("cpu", timeout_s=30)
+    total = torch.tensor([float(rank + 1)])
+    dist.all_reduce(total)
+    return total.item()
+
+
+@pytest.mark.slow
+def test_a_restart_round_never_reads_the_keys_of_the_round_before():
+    """torchrun's agent keeps one store for all rounds: round 2 must not connect to round 1's dead addresses.
+
+    Without a namespace per round (measured by replacing ``_round_store`` with the plain store), rank 1 of
+    round 2 reads rank 0's gloo address of round 1 and fails with "Connection refused" after gloo's retries,
+    and rank 0 hangs in the set-up past its timeout. Rank 0's delay, longer than those retries, makes that
+    order certain instead of likely (a restarted rank 0 that imports more slowly than the others).
+    """
+    from gloo_world import free_port
+    from torch.distributed import TCPStore
+
+    port = free_port()
+    store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)  # the agent's, outliving the ranks
+    assert run_world(_restart_round, 2, port, 0.0, timeout=60) == [3.0, 3.0]
+    assert run_world(_restart_round, 2, port, 8.0, timeout=60) == [3.0, 3.0]
+    assert store.num_keys() > 0  # the rounds did use this store
+
+
+def test_lost_peer_errors_are_recognised_in_the_chain_and_name_the_gone_rank(monkeypatch):
+    import socket
+    import subprocess
+    import time
+
+    import fastmeal.distributed as fd
+
+    here = socket.gethostname()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stopped = subprocess.Popen(["sleep", "60"])
+    try:
+        stopped.send_signal(signal.SIGSTOP)
+        for _ in range(200):  # the kernel stops it asynchronously
+            with open(f"/proc/{stopped.pid}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] == "T":
+                    break
+            time.sleep(0.01)
+        monkeypatch.setattr(fd, "_world", fd._World(0, 3, ((here, os.getpid()), (here, dead.pid), (here, stopped.pid))))
+        reset = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:31951: "
+                             "Connection reset by peer. This is typically caused by a remote worker hanging")
+        try:
+            try:
+                raise reset
+            finally:
+                raise RuntimeError("waiting for the agreement all-reduce failed")  # a clean-up on the same peer
+        except RuntimeError as err:
+            lost = fd.lost_peer_error(err)
+        assert isinstance(lost, fd.LostPeerError)
+        assert str(lost) == ("rank 1 of 3 is gone; rank 2 of 3 is stopped (SIGSTOP) (Read error [127.0.0.1]:31951: "
+                             "Connection reset by peer); this rank stops; running the same command again continues "
+                             "from what was saved")
+        assert str(lost.resuming("a restart with --resume auto continues from step 7")).endswith(
+            "this rank stops; a restart with --resume auto continues from step 7")
+        nccl = RuntimeError("[PG 0 Rank 1] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=9, "
+                            "OpType=ALLREDUCE) ran for 300000 milliseconds before timing out.")
+        assert fd.lost_peer_error(nccl) is not None
+        assert fd.lost_peer_error(dist.DistNetworkError("Connection reset by peer")) is not None
+        gloo_timeout = RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out "
+                                    "waiting 3000ms for recv operation to complete")
+        assert "Timed out waiting 3000ms for recv operation to complete)" in str(fd.lost_peer_error(gloo_timeout))
+        assert fd.lost_peer_error(dist.DistStoreError("Socket Timeout")) is not None
+        assert fd.lost_peer_error(RuntimeError("reading the image timed out")) is None  # a timeout, not torch's
+        # Not a lost peer: another error, an OSError of this rank (a network file system), a world of one.
+        assert fd.lost_peer_error(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")) is None
+        assert fd.lost_peer_error(ConnectionResetError(104, "Connection reset by peer")) is None
+        monkeypatch.setattr(fd, "_world", fd._World(0, 1))
+        assert fd.lost_peer_error(reset) is None
+    finally:
+        stopped.kill()
+        stopped.wait()
