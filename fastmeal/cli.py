@@ -48,7 +48,8 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
     summary = synthesize(args.out, num_classes=args.classes, train_per_class=args.train_per_class,
                          val_per_class=args.val_per_class, seed=args.seed, size_range=tuple(args.size_range),
-                         oddities=args.oddities, progress=not args.no_progress, num_workers=args.workers)
+                         oddities=args.oddities, progress=not args.no_progress, num_workers=args.workers,
+                         force=args.force)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -207,21 +208,23 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True)
     synth = data.add_parser("synth", help="write a deterministic synthetic JPEG dataset (ImageFolder layout)")
     synth.add_argument("out", help="output folder (train/ and val/ are created in it)")
-    synth.add_argument("--classes", type=int, default=10)
-    synth.add_argument("--train-per-class", type=int, default=100)
-    synth.add_argument("--val-per-class", type=int, default=20)
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--classes", type=int, default=10, help="number of classes, >= 2 (default 10)")
+    synth.add_argument("--train-per-class", type=int, default=100, help="train images per class (default 100)")
+    synth.add_argument("--val-per-class", type=int, default=20, help="val images per class (default 20)")
+    synth.add_argument("--seed", type=int, default=0, help="the same seed writes byte-identical files (default 0)")
     synth.add_argument("--size-range", type=int, nargs=2, default=(64, 112), metavar=("LO", "HI"),
                        help="short side in pixels (ImageNet-like: 375 500)")
     synth.add_argument("--oddities", action="store_true",
                        help="add grayscale, CMYK, progressive JPEGs and a PNG named .JPEG, as ImageNet has")
     synth.add_argument("--workers", type=int, default=1, help="processes (the files do not depend on it)")
-    synth.add_argument("--no-progress", action="store_true")
+    synth.add_argument("--force", action="store_true", help="write into a non-empty folder: replaces a dataset data "
+                       "synth wrote there (only its own files are deleted); other data is never touched")
+    synth.add_argument("--no-progress", action="store_true", help="no progress bar")
     synth.set_defaults(func=cmd_data_synth, preload=("fastmeal.data",))
     check = data.add_parser("check", help="count images and list every problem by path (exit 1 on problems)")
-    check.add_argument("dir")
+    check.add_argument("dir", help="dataset root holding train/<class>/* and/or val/<class>/*")
     check.add_argument("--workers", type=int, default=1, help="processes decoding files in parallel")
-    check.add_argument("--no-progress", action="store_true")
+    check.add_argument("--no-progress", action="store_true", help="no progress bar")
     check.set_defaults(func=cmd_data_check, preload=("fastmeal.data",))
 
     train = sub.add_parser("train", help="train (MEAL V2 distillation, or hard labels with loss.mode=ce)")
