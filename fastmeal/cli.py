@@ -109,7 +109,29 @@ def _failures() -> tuple[type[Exception], ...]:
     return DiskFullError, NonFiniteError, RunDirVanishedError
 
 
-def _report_user_error(err: Exception) -> int:
+# What to do about an OSError on a path: the user's environment (read-only or full disk, permissions, a name
+# too long, a file where a folder is needed), never a bug of fastmeal's (issue #23).
+_PATH_ADVICE = {
+    errno.EROFS: "the file system is read-only: choose an output folder on a writable disk",
+    errno.EACCES: "permission denied: choose a folder you can write (or read), or fix its permissions",
+    errno.EPERM: "operation not permitted: choose another folder, or fix its permissions",
+    errno.ENAMETOOLONG: "the name is longer than the file system allows: choose a shorter name",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
+    errno.EISDIR: "it is a folder where a file is needed: name a file",
+    errno.EEXIST: "it exists already (a file where a folder is needed?): choose another path",
+    errno.ENOENT: "no such file or folder: check the path",
+    errno.ELOOP: "too many levels of symbolic links (a link loop?): fix or remove the link",
+}
+
+
+def _path_error(err: OSError) -> str:
+    """One line for an OSError on a path: the path, the system's reason, what to do."""
+    paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+    advice = _PATH_ADVICE.get(err.errno, "check the path and the disk")
+    return f"{paths}: {err.strerror or err}; {advice}"
+
+
+def _report_user_error(err: Exception | str) -> int:
     print(f"fastmeal: error: {err}", file=sys.stderr)
     return EXIT_BAD_INPUT
 
@@ -364,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fastmeal: error: no space left on the device writing {err.filename or 'a file'}: free some space "
                   "(checkpoints already written are intact)", file=sys.stderr)
             return EXIT_FAILED
+        if isinstance(err, OSError) and err.filename is not None:
+            return _report_user_error(_path_error(err))
         traceback.print_exc()
         print(f"fastmeal: error: unexpected {type(err).__name__} (a bug: please report it with the traceback above)",
               file=sys.stderr)

@@ -221,6 +221,8 @@ class Run:
             for r in self.epochs:
                 if not steps or r.get("lr") != steps[-1][1]:
                     steps.append((r["epoch"], r.get("lr")))
+        if not steps:  # no LR in the config (`{}`) and no epoch finished yet: no regime to draw
+            return []
         ends = [s for s, _ in steps[1:]] + [total]
         return [(start, end, lr) for (start, lr), end in zip(steps, ends, strict=True) if end > start]
 
@@ -259,6 +261,10 @@ def load_run(path: str | os.PathLike) -> Run:
             config = json.loads(config_file.read_text())
         except json.JSONDecodeError as err:
             warnings.append(f"{config_file}: not valid JSON ({err}); reporting without the config")
+        if config is not None and not isinstance(config, dict):
+            warnings.append(f"{config_file} holds a {type(config).__name__}, not a fastmeal config; reporting "
+                            "without it")
+            config = None
     records: list[dict[str, Any]] = []
     written_at = None
     if metrics.exists():
