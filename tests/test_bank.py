@@ -74,7 +74,8 @@ class SpyTeachers:
 
 def _build(cfg, out, teachers=None, **kwargs):
     loader = build_loader(cfg, "train", device=CPU) if teachers is not None else None
-    info = [{"tag": t.tag, "weights": t.weights, "sha256": "test"} for t in cfg.model.teachers]
+    info = [{"tag": t.tag, "weights": t.weights, "sha256": "test", "file_sha256": store.file_sha256(t.weights)}
+            for t in cfg.model.teachers]
     return build_bank(cfg, out, dist=DistInfo(), progress=False, top_k=cfg.bank.top_k,
                       chunk_records=cfg.bank.chunk_records, loader=loader, teachers=teachers,
                       teacher_info=info if teachers is not None else None, **kwargs)
@@ -205,7 +206,53 @@ def test_refuses_a_bank_of_a_changed_dataset(files, bank, tmp_path):
     victim = sorted((data / "train").rglob("*.JPEG"))[0]
     victim.unlink()
     cfg = _cfg(files, tmp_path / "run", **{"data.root": data, "bank.path": bank})
-    with pytest.raises(BankError, match="dataset_digest: the bank has"):
+    with pytest.raises(BankError, match=f"{victim.parent.name}/{victim.name}: missing here"):
+        open_bank(cfg, build_loader(cfg, "train", device=CPU))
+
+
+def test_a_bank_survives_a_plain_copy_of_the_data_and_a_touch(files, bank, tmp_path):
+    """Issue #23 item 3: a `cp -r` copy (new mtimes) or a `touch` of one JPEG was refused with two digests."""
+    import os
+    import subprocess
+
+    data = tmp_path / "staged"
+    subprocess.run(["cp", "-r", str(files[0]), str(data)], check=True)  # what a user does: no -a, new mtimes
+    shutil.rmtree(data / ".fastmeal-index", ignore_errors=True)  # indexed afresh, as on a new node
+    first = sorted((data / "train").rglob("*.JPEG"))[0]
+    os.utime(first, ns=(1, 10**18))
+    cfg = _cfg(files, tmp_path / "run", **{"data.root": data, "bank.path": bank})
+    open_bank(cfg, build_loader(cfg, "train", device=CPU))  # accepted
+    # Content that changes what the plan sees is refused, naming the file and what differs.
+    from PIL import Image
+
+    Image.new("RGB", (50, 60)).save(first, format="JPEG")
+    cfg = _cfg(files, tmp_path / "run", **{"data.root": data, "bank.path": bank})
+    with pytest.raises(BankError, match=rf"{first.parent.name}/{first.name}: size \d+ -> \d+ bytes, image "
+                                        r"\d+x\d+ -> 50x60"):
+        open_bank(cfg, build_loader(cfg, "train", device=CPU))
+
+
+def test_a_bank_refuses_other_teacher_weights_under_the_same_tag(files, bank, tmp_path):
+    """Issue #23 item 4: a bank run with another test_resnet@FILE exited 0 (only the tags were compared)."""
+    other = tmp_path / "other" / "student_last.pth"
+    other.parent.mkdir()
+    torch.manual_seed(7)
+    import timm
+
+    torch.save(timm.create_model("test_resnet", num_classes=DISK_CLASSES).state_dict(), other)
+    teachers = f"test_resnet@{files[1][0]},test_resnet@{other}"
+    cfg = _cfg(files, tmp_path / "run", **{"bank.path": bank, "model.teachers": teachers})
+    with pytest.raises(BankError, match=rf"model.teachers\[1\] = test_resnet@{other} is not the teacher"):
+        open_bank(cfg, build_loader(cfg, "train", device=CPU))
+    # the same bytes under another path are the same teacher
+    copy = tmp_path / "copy.pth"
+    shutil.copyfile(files[1][1], copy)
+    cfg = _cfg(files, tmp_path / "run", **{"bank.path": bank, "model.teachers": f"test_resnet@{files[1][0]},"
+                                                                                  f"test_resnet@{copy}"})
+    open_bank(cfg, build_loader(cfg, "train", device=CPU))
+    # hub weights named where the bank used a file: refused too (the config would name weights never used)
+    cfg = _cfg(files, tmp_path / "run", **{"bank.path": bank, "model.teachers": "test_resnet,test_resnet"})
+    with pytest.raises(BankError, match="names the hub's weights"):
         open_bank(cfg, build_loader(cfg, "train", device=CPU))
 
 

@@ -66,8 +66,10 @@ def check_bank_config(cfg: Config) -> None:
 
 
 def teacher_identity(cfg: Config, models: Sequence[torch.nn.Module]) -> list[dict[str, str]]:
-    """``[{tag, weights, sha256}]`` of the teachers, hashed from their weights as loaded (before folding)."""
-    return [{"tag": t.tag, "weights": t.weights, "sha256": store.hash_state_dict(m.state_dict())}
+    """``[{tag, weights, sha256, file_sha256}]`` of the teachers: ``sha256`` hashes their weights as loaded
+    (before folding), ``file_sha256`` the bytes of a local weights file ("" for the hub's)."""
+    return [{"tag": t.tag, "weights": t.weights, "sha256": store.hash_state_dict(m.state_dict()),
+             "file_sha256": store.file_sha256(t.weights) if t.weights else ""}
             for t, m in zip(cfg.model.teachers, models, strict=True)]
 
 
@@ -166,10 +168,10 @@ def build_bank(cfg: Config, out: str | Path, *, epochs: range | None = None, top
                                    extra={"backend": loader.backend, "teacher_dtype": cfg.teacher_engine.dtype})
     out = Path(out)
     if dist.is_main:
-        manifest = store.open_or_create(out, manifest)
+        manifest = store.open_or_create(out, manifest, loader.index)
     barrier()
     if not dist.is_main:
-        manifest = store.open_or_create(out, manifest)  # exists now: checks this rank agrees
+        manifest = store.open_or_create(out, manifest, loader.index)  # exists now: checks this rank agrees
 
     batch = loader.batch_size
     steps_per_chunk = max(1, math.ceil(chunk_records / batch))
