@@ -20,6 +20,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm import tqdm
 
 from fastmeal.console import progress_enabled
+from fastmeal.data.common import find_symlink_loop
 
 SPLITS = ("train", "val")
 # torchvision's ImageFolder IMG_EXTENSIONS: files with other extensions are silently skipped by it.
@@ -37,6 +38,7 @@ IMAGE_FORMATS = {
 PROBLEM_KINDS = (
     "missing_root",
     "missing_split",
+    "symlink_loop",
     "stray_file",
     "empty_class",
     "class_mismatch",
@@ -143,6 +145,11 @@ def _list_split(root: Path, split: str, report: DatasetReport) -> list[tuple[str
     report.counts[split] = counts
     if not split_dir.is_dir():
         report.problems.append(Problem(str(split_dir), "missing_split", f"no {split}/ folder"))
+        return []
+    loop = find_symlink_loop(split_dir)
+    if loop is not None:  # os.walk below would list the loop's files again and again
+        report.problems.append(Problem(loop[0], "symlink_loop", f"a link to {loop[1]}, a folder it is inside of: "
+                                       "the loaders refuse the split; remove the link"))
         return []
     files = []
     for entry in sorted(split_dir.iterdir()):
