@@ -479,3 +479,20 @@ def test_a_symlink_loop_in_a_split_is_an_error_naming_it(tmp_path):
     os.symlink(tmp_path / "a", first / "a")
     link, target = find_symlink_loop(root / "train")
     assert target in (str(tmp_path / "a"), str(tmp_path / "b"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skip_corrupt_in_evaluation_drops_and_counts_the_file(tmp_path, backend, caplog):
+    """Issue #23 item 7: with data.skip_corrupt=true a corrupt val file's slot held another image, counted twice."""
+    root = _solid_dataset(tmp_path, classes=3, train=1, val=3)
+    bad = root / "val" / "n001" / "img_1.JPEG"
+    good = bad.read_bytes()
+    bad.write_bytes(good[:good.index(b"\xff\xda") + 20])  # the header reads, the data is cut
+    loader = build_loader(_cfg(root, backend, **{"data.skip_corrupt": True, "data.eval_batch_size": 4}), "val")
+    with caplog.at_level(logging.WARNING):
+        images, labels = _epoch(loader)
+    # 9 files, one unreadable: 8 evaluated, each once, each with its own label (no stand-in, no duplicate)
+    assert len(labels) == 8 and loader.num_skipped == 1
+    assert sorted(labels) == [0, 0, 0, 1, 1, 2, 2, 2]
+    assert _labels_of_images(torch.cat(images), 3).tolist() == labels
+    assert str(bad) in caplog.text and "not evaluated" in caplog.text
