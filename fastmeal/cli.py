@@ -167,6 +167,26 @@ def cmd_bank_build(args: argparse.Namespace) -> int:
     return 0
 
 
+# The config keys `fastmeal eval`'s flags set: its errors name the flag the user typed, not the key.
+_EVAL_FLAGS = {"model.student_weights": "--weights", "model.student": "--model", "data.root": "--data",
+               "data.image_size": "--res", "data.eval_resize": "--resize", "data.eval_batch_size": "--batch-size",
+               "data.workers": "--workers", "data.backend": "--backend", "runtime.device": "--device",
+               "precision.mode": "--precision"}
+
+
+def _in_eval_flags(err: Exception) -> Exception:
+    """``err`` with each config key of an eval flag written as that flag (``data.root='x'`` → ``--data 'x'``)."""
+    import re
+
+    text = str(err)
+    for key, flag in _EVAL_FLAGS.items():
+        text = re.sub(rf"(?<![\w.]){re.escape(key)}(?![\w.])(=?)", lambda m, f=flag: f + (" " if m[1] else ""), text)
+    try:
+        return type(err)(text)
+    except TypeError:  # an exception type that does not take one message: keep it as it was
+        return err
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from fastmeal.evaluate import evaluate_config
     from fastmeal.metrics import finite_json
@@ -175,9 +195,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
              "data.image_size": args.res, "data.eval_resize": args.resize, "data.eval_batch_size": args.batch_size,
              "data.workers": args.workers, "data.backend": args.backend, "runtime.device": args.device,
              "precision.mode": args.precision}
-    cfg = config_from_args(args, **{k: str(v) for k, v in extra.items() if v is not None})
-    _setup_logging()
-    result = evaluate_config(cfg, progress=not args.no_progress)
+    try:
+        cfg = config_from_args(args, **{k: str(v) for k, v in extra.items() if v is not None})
+        _setup_logging()
+        result = evaluate_config(cfg, progress=not args.no_progress)
+    except (ConfigError, *_user_errors()) as err:
+        raise _in_eval_flags(err) from err
     if args.json:
         print(json.dumps(finite_json(result), indent=2, allow_nan=False))
     else:
@@ -185,6 +208,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f" top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
               f"[{result['count']} images, {result['images_per_s']:.1f} img/s on {result['device']}]")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -262,8 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", required=True, metavar="BANK", help="bank folder (continued if it exists)")
     build.add_argument("--epochs", metavar="A:B", help="build epochs A..B-1 only (default: schedule.epochs)")
     build.add_argument("--top-k", type=int, metavar="K", help="probabilities kept per record (default bank.top_k=5)")
-    build.add_argument("--no-progress", action="store_true")
-    build.set_defaults(func=cmd_bank_build, preload=TRAINING)
+    build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    build.set_defaults(func=cmd_bank_build, preload=TRAINING, on_interrupt="the chunks already built are kept: run the "
+                       "same `fastmeal bank build` again to continue where it stopped")
 
     ev = sub.add_parser("eval", help="top-1/top-5 of a model on a val split (single centre crop, SPEC protocol)")
     _add_config_args(ev)
@@ -272,16 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help=".pth/.pt/.safetensors (a released MEAL V2 file with module. keys loads); "
                          "default: the tag's pretrained weights")
     ev.add_argument("--data", required=True, metavar="DIR", help="dataset root holding val/<class>/*")
-    ev.add_argument("--res", type=int, default=224, metavar="S", help="crop size S (default 224)")
+    ev.add_argument("--res", type=_positive_int, default=224, metavar="S", help="crop size S (default 224)")
     ev.add_argument("--resize", type=int, metavar="R", help="short side before the crop (default int(256/224*S))")
-    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--batch-size", type=_positive_int, default=256, help="images per batch (default 256)")
     ev.add_argument("--workers", type=int, help="loader workers (default data.workers, at most the CPUs)")
-    ev.add_argument("--backend", choices=("auto", "dali", "torchvision"))
-    ev.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    ev.add_argument("--backend", choices=("auto", "dali", "torchvision"), help="image decoding (default data.backend)")
+    ev.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to run (default runtime.device)")
     ev.add_argument("--precision", default="fp32", choices=("fp32", "amp", "amp-bf16", "amp-fp16"),
                     help="fp32 (default, the reference's numerics) or autocast")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
-    ev.add_argument("--no-progress", action="store_true")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval, preload=TRAINING)
 
     report = sub.add_parser("report", help="figures, report.html and report.md of run dirs (needs matplotlib)")
@@ -293,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="end to end on the CPU: synthetic data, two teachers, a baseline, MEAL V2")
     demo.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the dataset and of every training run")
-    demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(func=cmd_demo, preload=TRAINING)
     return parser
 
@@ -306,9 +341,11 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1,
 TRAINING = ("fastmeal.trainer", "nvidia.dali.fn?", "nvidia.dali.plugin.pytorch?")
 
 
-def _interrupted() -> int:
-    print("fastmeal: interrupted (Ctrl-C); checkpoints already written are intact: continue a training run "
-          "with --resume auto", file=sys.stderr)
+_TRAIN_INTERRUPTED = "checkpoints already written are intact: continue a training run with --resume auto"
+
+
+def _interrupted(args: argparse.Namespace | None = None) -> int:
+    print(f"fastmeal: interrupted (Ctrl-C); {getattr(args, 'on_interrupt', _TRAIN_INTERRUPTED)}", file=sys.stderr)
     return EXIT_INTERRUPTED
 
 
@@ -365,10 +402,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # here, not at interpreter exit, so that a closed pipe is handled below
         return code
     except ConfigError as err:
-        print(f"fastmeal: config error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank reads the same config: say it once
+            print(f"fastmeal: config error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        return _interrupted()
+        return _interrupted(args)
     except BrokenPipeError:
         # The reader (`| head`) is gone: say nothing more, and keep Python's exit-time flush from failing too.
         with contextlib.suppress(OSError):
@@ -376,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BROKEN_PIPE
     except Exception as err:
         if _raised_while_interrupted(err):  # a library's clean-up failed on the way out of a Ctrl-C
-            return _interrupted()
+            return _interrupted(args)
         if isinstance(err, _user_errors()):
             return _report_user_error(err)
         if isinstance(err, _failures()):

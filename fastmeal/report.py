@@ -449,7 +449,7 @@ def run_status(run: Run) -> str:
     """``finished``, or where an unfinished run stands and when it should end."""
     total = run.total_epochs
     if run.finished:
-        return f"finished ({run.epochs_done} epochs)"
+        return f"finished ({run.epochs_done} epoch{'' if run.epochs_done == 1 else 's'})"
     where = f"{run.epochs_done}/{total if total is not None else '?'} epochs done"
     if run.train and run.train[-1].get("epoch", 0) >= run.epochs_done:
         steps = run.steps_per_epoch

@@ -8,6 +8,9 @@ crops are compared across backends).
 from __future__ import annotations
 
 import json
+import logging
+import multiprocessing
+import os
 import shutil
 from pathlib import Path
 
@@ -145,7 +148,7 @@ def test_dali_replays_the_builders_crops_within_one_level(files, tmp_path):
     assert diffs.max() <= 4 * ONE_LEVEL and diffs.mean() <= 0.5 * ONE_LEVEL
 
 
-def test_a_killed_build_resumes_to_the_same_bytes(files, tmp_path):
+def test_a_killed_build_resumes_to_the_same_bytes(files, tmp_path, caplog):
     cfg = _cfg(files, tmp_path / "run")
     _build(cfg, tmp_path / "straight", SpyTeachers(cfg))
 
@@ -158,7 +161,11 @@ def test_a_killed_build_resumes_to_the_same_bytes(files, tmp_path):
         store.BankReader(tmp_path / "resumed", epochs=range(EPOCHS))
 
     resumed = SpyTeachers(cfg)
-    _build(cfg, tmp_path / "resumed", resumed)
+    with caplog.at_level(logging.INFO, logger="fastmeal.bank"):
+        _build(cfg, tmp_path / "resumed", resumed)
+    # It says that it continues, and the epochs as ranges, not one number per epoch
+    assert "continuing the bank" in caplog.text and "1 chunk(s) of the others done; building 0-1" in caplog.text
+    assert "epochs 0-1 complete" in caplog.text
     # Only the unfinished work was redone: 10 of epoch 0's 18 images, then all of epoch 1.
     assert sum(len(b) for b in resumed.images) == 10 + 18
     for epoch in range(EPOCHS):
@@ -254,6 +261,41 @@ def test_a_bank_refuses_other_teacher_weights_under_the_same_tag(files, bank, tm
     cfg = _cfg(files, tmp_path / "run", **{"bank.path": bank, "model.teachers": "test_resnet,test_resnet"})
     with pytest.raises(BankError, match="names the hub's weights"):
         open_bank(cfg, build_loader(cfg, "train", device=CPU))
+
+
+def _hold_epoch_locks(out, epochs, ready, done):
+    from fastmeal.bank.build import _claim_epochs
+
+    fd = _claim_epochs(out, epochs)
+    ready.set()
+    done.wait(60)
+    os.close(fd)
+
+
+def test_a_second_build_of_the_same_epochs_is_refused_and_a_run_dir_is_no_bank(files, tmp_path):
+    """Issue #23 item 10: two identical builds both did all the work; a bank could be built into a run dir."""
+    cfg = _cfg(files, tmp_path / "run")
+    out = tmp_path / "bank"
+    ctx = multiprocessing.get_context("fork")
+    ready, done = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_epoch_locks, args=(out, range(1, 2), ready, done))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        spy = SpyTeachers(cfg)
+        with pytest.raises(BankError, match=r"epoch\(s\) 1 of the bank .* are being built by another process"):
+            _build(cfg, out, spy)
+        assert spy.images == []  # refused before any teacher work
+        _build(cfg, out, SpyTeachers(cfg), epochs=range(0, 1))  # other epochs build alongside
+    finally:
+        done.set()
+        holder.join(60)
+    _build(cfg, out, SpyTeachers(cfg))  # the first build ended: its epochs are free again
+    run_dir = tmp_path / "trained"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text("{}")
+    with pytest.raises(BankError, match="is a training run dir"):
+        _build(cfg, run_dir, SpyTeachers(cfg))
 
 
 def test_bank_mode_config_rules(files, tmp_path):

@@ -24,7 +24,7 @@ def dataset(tmp_path_factory):
 def one_line_exit_2(code: int, err: str, *needles: str) -> None:
     assert code == 2, err
     assert "Traceback" not in err and "a bug" not in err, err
-    assert len(err.strip().splitlines()) == 1, err
+    assert sum(line.startswith("fastmeal") for line in err.splitlines()) == 1, err  # log lines aside
     for needle in needles:
         assert needle in err, err
 
@@ -67,3 +67,44 @@ def test_synth_into_a_real_dataset_folder(dataset, capsys):
     code = main(["data", "synth", str(dataset), "--classes", "2", "--train-per-class", "1", "--no-progress"])
     one_line_exit_2(code, capsys.readouterr().err, "not empty", "--force")
     assert sorted(p for p in dataset.rglob("*")) == before
+
+
+def test_eval_errors_name_the_flags_typed(dataset, tmp_path, capsys):
+    base = ["eval", "--model", "test_resnet", "--device", "cpu", "--no-progress"]
+    code = main([*base, "--data", str(tmp_path / "nowhere")])
+    one_line_exit_2(code, capsys.readouterr().err, "--data ", "nowhere")
+    code = main([*base, "--data", str(dataset), "--weights", str(tmp_path / "w.pth"), "--res", "32"])
+    err = capsys.readouterr().err
+    one_line_exit_2(code, err, "--weights", "w.pth")
+    assert "model.student_weights" not in err
+    code = main([*base, "--data", str(dataset), "--res", "32", "--resize", "16"])
+    one_line_exit_2(code, capsys.readouterr().err, "--resize 16 must be >= --res 32")
+    with pytest.raises(SystemExit) as exit_info:  # argparse: usage + one error line
+        main([*base, "--data", str(dataset), "--batch-size", "0"])
+    assert exit_info.value.code == 2 and "--batch-size: 0 must be >= 1" in capsys.readouterr().err
+
+
+def test_a_config_error_is_printed_by_rank_0_only(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    assert main(["config", "show", "--preset", "demo", "--set", "optim.lr=-1"]) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(["config", "show", "--preset", "demo", "--set", "optim.lr=-1"]) == 2
+    assert "optim.lr" in capsys.readouterr().err
+
+
+def test_ctrl_c_advice_fits_the_command(capsys):
+    from fastmeal.cli import _interrupted, build_parser
+
+    args = build_parser().parse_args(["bank", "build", "--out", "b"])
+    assert _interrupted(args) == 130
+    err = capsys.readouterr().err
+    assert "--resume" not in err and "run the same `fastmeal bank build` again" in err
+
+
+def test_report_says_1_epoch():
+    from types import SimpleNamespace
+
+    from fastmeal.report import run_status
+
+    assert run_status(SimpleNamespace(total_epochs=1, finished=True, epochs_done=1)) == "finished (1 epoch)"
