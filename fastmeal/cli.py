@@ -249,6 +249,43 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _needed_weights(cfg):
+    """Every weights file a training run of ``cfg`` loads: the student's, and the teachers' unless it needs none."""
+    from fastmeal.models.factory import weight_sources
+
+    return weight_sources(cfg, teachers=cfg.loss.mode == "meal_v2" and not cfg.bank.path)
+
+
+def cmd_weights_list(args: argparse.Namespace) -> int:
+    from fastmeal.models.factory import HF_FILENAMES
+
+    cfg = config_from_args(args)
+    sources = _needed_weights(cfg)
+    for s in sources:
+        here = f"found {s.found} ({os.path.getsize(s.found) / 1e6:.1f} MB)" if s.found else "MISSING"
+        hub = f"hf {s.hf_repo} {'|'.join(HF_FILENAMES)}" if s.hf_repo and not s.file else s.origin()
+        print(f"{s.key:<18} {s.tag:<32} {hub}  {here}")
+    missing = sum(not s.found for s in sources)
+    print(f"# {len(sources)} file(s), {missing} missing here" + (
+        f"; fetch them on a machine with network access: fastmeal weights fetch --preset {args.preset} --out DIR "
+        "(same --set options), then HF_HUB_CACHE=DIR here" if missing else ""))
+    return 0
+
+
+def cmd_weights_fetch(args: argparse.Namespace) -> int:
+    from fastmeal.models.factory import fetch_weights
+
+    cfg = config_from_args(args)
+    sources = _needed_weights(cfg)
+    for source, path in fetch_weights(sources, args.out):
+        print(f"{source.key:<18} {source.tag:<32} {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    for source in sources:
+        if source.file:
+            print(f"{source.key:<18} {source.tag:<32} names the local file {source.file}: copy it yourself")
+    print(f"# on the offline machine: copy {args.out} there, then export HF_HUB_CACHE={args.out} HF_HUB_OFFLINE=1")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastmeal", description="Fast, faithful MEAL V2 distillation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -324,6 +361,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "the axes, labelled by the config values that differ")
     report.add_argument("--out", metavar="DIR", help="output folder (default RUN_DIR/report, ./report for several)")
     report.set_defaults(func=cmd_report)
+
+    weights = sub.add_parser("weights", help="the weight files a preset needs, and fetching them for an offline "
+                             "machine").add_subparsers(dest="action", required=True)
+    wlist = weights.add_parser("list", help="list each weights file (student, teachers): timm tag, Hugging Face repo "
+                               "and file, and whether it is here (HF_HUB_CACHE or the named file)")
+    _add_config_args(wlist)
+    wlist.set_defaults(func=cmd_weights_list)
+    fetch = weights.add_parser("fetch", help="download them (needs network) into one folder in the Hugging Face "
+                               "cache layout; on the offline machine set HF_HUB_CACHE to that folder")
+    _add_config_args(fetch)
+    fetch.add_argument("--out", required=True, metavar="DIR", help="folder to download into (HF cache layout)")
+    fetch.set_defaults(func=cmd_weights_fetch)
 
     demo = sub.add_parser("demo", help="end to end on the CPU: synthetic data, two teachers, a baseline, MEAL V2")
     demo.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
