@@ -62,6 +62,17 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_data_imagenet_val(args: argparse.Namespace) -> int:
+    from fastmeal.data.imagenet import arrange_val, labels_from_devkit, labels_from_solution
+
+    _setup_logging()
+    labels = labels_from_devkit(args.devkit) if args.devkit else labels_from_solution(args.solution)
+    summary = arrange_val(args.flat, args.out, labels, move=args.move, per_class=args.per_class or None,
+                          progress=not args.no_progress)
+    print(json.dumps(summary))
+    return 0
+
+
 class _StderrHandler(logging.StreamHandler):
     """A handler that writes to whatever ``sys.stderr`` is at the time of each record (not the one of
     the first call): ``main`` may run several times in one process (tests, notebooks)."""
@@ -319,6 +330,20 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--workers", type=int, default=1, help="processes decoding files in parallel")
     check.add_argument("--no-progress", action="store_true", help="no progress bar")
     check.set_defaults(func=cmd_data_check, preload=("fastmeal.data",))
+
+    inval = data.add_parser("imagenet-val", help="arrange ImageNet's flat val folder into class folders "
+                            "(val/<wnid>/*.JPEG) from the devkit or LOC_val_solution.csv, and check 50 per class")
+    inval.add_argument("flat", help="the folder ILSVRC2012_img_val.tar was unpacked into")
+    inval.add_argument("--out", required=True, metavar="VAL_DIR", help="the val split to write, e.g. "
+                       "/data/imagenet/val (new or empty; a stopped run continues)")
+    labels = inval.add_mutually_exclusive_group(required=True)
+    labels.add_argument("--devkit", metavar="DIR", help="the extracted ILSVRC2012_devkit_t12 folder (needs SciPy)")
+    labels.add_argument("--solution", metavar="CSV", help="Kaggle's LOC_val_solution.csv")
+    inval.add_argument("--move", action="store_true", help="move the files (default: symbolic links to them)")
+    inval.add_argument("--per-class", type=int, default=50, help="images every class must have (default 50; 0: "
+                       "no check)")
+    inval.add_argument("--no-progress", action="store_true", help="no progress bar")
+    inval.set_defaults(func=cmd_data_imagenet_val)
 
     train = sub.add_parser("train", help="train (MEAL V2 distillation, or hard labels with loss.mode=ce)")
     _add_config_args(train)
