@@ -162,7 +162,13 @@ def identity_table(index: DatasetIndex) -> dict[str, np.ndarray]:
 
 def _table(root: str, paths: Sequence[str], labels: np.ndarray, sizes: np.ndarray, heights: np.ndarray,
            widths: np.ndarray) -> dict[str, np.ndarray]:
-    names = "\n".join(Path(p).relative_to(root).as_posix() for p in paths)
+    # String slicing, not Path.relative_to: ~15x faster (ImageNet's 1.28M paths: ~18 s with Path on 2 CPUs).
+    prefix = os.path.join(str(root), "")
+    if not all(p.startswith(prefix) for p in paths):
+        raise ValueError(f"every path must lie under {root}")
+    names = "\n".join(p[len(prefix):] for p in paths)
+    if os.sep != "/":
+        names = names.replace(os.sep, "/")
     return {"paths": np.frombuffer(names.encode(), dtype=np.uint8), "labels": labels.astype(np.int64),
             "sizes": sizes.astype(np.int64), "heights": heights.astype(np.int32), "widths": widths.astype(np.int32)}
 
@@ -187,12 +193,15 @@ def describe_differences(have: dict[str, np.ndarray], want: dict[str, np.ndarray
     Returns:
         ``["c000/a.JPEG: size 1200 -> 1300 bytes", "c001/b.JPEG: only in this dataset", ...]``.
     """
-    def rows(table: dict[str, np.ndarray]) -> dict[str, tuple[int, int, int, int]]:
-        names = bytes(table["paths"]).decode().split("\n") if len(table["paths"]) else []
-        return {n: (int(lab), int(s), int(h), int(w)) for n, lab, s, h, w in
-                zip(names, table["labels"], table["sizes"], table["heights"], table["widths"], strict=True)}
-
-    old, new = rows(have), rows(want)
+    fields = ("labels", "sizes", "heights", "widths")
+    old_names, new_names = (bytes(t["paths"]).decode().split("\n") if len(t["paths"]) else [] for t in (have, want))
+    if old_names == new_names:  # the usual case (files changed in place): compare the columns at once
+        rows = np.flatnonzero(np.any([np.asarray(have[f]) != np.asarray(want[f]) for f in fields], axis=0))
+        old = {old_names[i]: tuple(int(have[f][i]) for f in fields) for i in rows[:limit]}
+        new = {new_names[i]: tuple(int(want[f][i]) for f in fields) for i in rows[:limit]}
+    else:
+        old, new = ({n: r for n, r in zip(names, zip(*(t[f].tolist() for f in fields), strict=True), strict=True)}
+                    for names, t in ((old_names, have), (new_names, want)))
     out = []
     for name in sorted(old.keys() | new.keys()):
         if name not in new:
