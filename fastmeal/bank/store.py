@@ -224,9 +224,18 @@ def mismatches(have: Mapping[str, Any], want: Mapping[str, Any],
     """``"field: bank has X, the run has Y"`` for every identity field that differs."""
     out = []
     for name in fields:
-        if name in want and have.get(name) != want[name]:
-            out.append(f"{name}: the bank has {have.get(name)!r}, this run has {want[name]!r}")
+        if name in want and _identity(name, have.get(name)) != _identity(name, want[name]):
+            out.append(f"{name}: the bank has {_identity(name, have.get(name))!r}, this run has "
+                       f"{_identity(name, want[name])!r}")
     return out
+
+
+def _identity(name: str, value: Any) -> Any:
+    """What of a manifest field identifies the bank: a teacher is its tag and its weights as loaded (sha256);
+    where its file lies, or whether the file's own hash was recorded (older banks), is not part of it."""
+    if name == "teachers" and isinstance(value, list):
+        return [(t.get("tag"), t.get("sha256")) for t in value]
+    return value
 
 
 def open_or_create(root: str | os.PathLike, manifest: Mapping[str, Any], index: Any = None) -> dict[str, Any]:
