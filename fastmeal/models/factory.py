@@ -432,7 +432,8 @@ class WeightSource:
     """One weights file a config needs.
 
     Attributes:
-        key: the config key it comes from (``model.student``, ``model.teachers[1]``).
+        key: the config key it comes from (``model.student`` for pretrained weights, ``model.student_weights``,
+            ``model.teachers[1]``).
         tag: the timm tag.
         file: the local file the config names ("" = the tag's pretrained weights).
         hf_repo: the tag's Hugging Face repo (``timm/senet154.gluon_in1k``; "" if it has none).
@@ -457,7 +458,7 @@ class WeightSource:
     @property
     def override(self) -> str:
         """How a local file is passed instead: ``model.student_weights=FILE`` or ``tag@FILE`` in model.teachers."""
-        return "model.student_weights=FILE" if self.key == "model.student" else f"{self.tag}@FILE"
+        return "model.student_weights=FILE" if self.key.startswith("model.student") else f"{self.tag}@FILE"
 
 
 def weight_sources(cfg: Config, *, student: bool = True, teachers: bool = True) -> list[WeightSource]:
@@ -469,7 +470,8 @@ def weight_sources(cfg: Config, *, student: bool = True, teachers: bool = True) 
     wanted = []
     m = cfg.model
     if student and (m.student_weights or m.pretrained):
-        wanted.append(("model.student", m.student, m.student_weights))
+        wanted.append(("model.student_weights" if m.student_weights else "model.student", m.student,
+                       m.student_weights))
     if teachers:
         wanted += [(f"model.teachers[{i}]", t.tag, t.weights) for i, t in enumerate(m.teachers)]
     out = []
@@ -494,25 +496,29 @@ def check_weights_available(cfg: Config, *, student: bool = True, teachers: bool
     # Tags timm does not know, or without pretrained weights, are left to the builders' own errors.
     missing = [s for s in weight_sources(cfg, student=student, teachers=teachers)
                if not s.found and (s.file or s.hf_repo or s.url)]
+    hub = [s for s in missing if not s.file]
+    if hub and any(_reachable(f"https://huggingface.co/{s.hf_repo}") or (s.url and _reachable(s.url)) for s in hub):
+        hub = []  # online: timm downloads them
+    missing = [s for s in missing if s.file or s in hub]
     if not missing:
         return
-    if all(not s.file for s in missing) and any(_reachable(f"https://huggingface.co/{s.hf_repo}") or
-                                                 (s.url and _reachable(s.url)) for s in missing):
-        return  # online: timm downloads them
+    advice = []
+    if any(s.file for s in missing):
+        advice.append("Check the path of each named file")
+    if hub:
+        advice.append(f"On a machine with network access run `fastmeal weights fetch --preset {cfg.name} --out DIR` "
+                      "(with the same --set options), copy DIR here and set HF_HUB_CACHE=DIR (README, \"Weights on "
+                      "an offline machine\"); or download each file and pass it with " + _file_overrides(cfg, missing))
     raise WeightsError(f"{len(missing)} weights file(s) this run needs are not on this machine: "
-                       + "; ".join(f"{s.key} = {s.tag}: {s.origin()}" for s in missing)
-                       + f". On a machine with network access run `fastmeal weights fetch --preset {cfg.name} "
-                       "--out DIR` (with the same --set options), copy DIR here and set HF_HUB_CACHE=DIR (README, "
-                       "\"Weights on an offline machine\"); or download each file and pass it with "
-                       + _file_overrides(cfg, missing))
+                       + "; ".join(f"{s.key} = {s.tag}: {s.origin()}" for s in missing) + ". " + "; ".join(advice))
 
 
 def _file_overrides(cfg: Config, missing: Sequence[WeightSource]) -> str:
     """``--set model.student_weights=FILE --set model.teachers=a@FILE0,b@/w/b.pth``: every local file to pass."""
     out = []
-    if any(s.key == "model.student" for s in missing):
+    if any(s.key.startswith("model.student") for s in missing):
         out.append("--set model.student_weights=FILE")
-    if any(s.key != "model.student" for s in missing):
+    if any(s.key.startswith("model.teachers") for s in missing):
         # Teachers are given together: the whole list, each missing one as FILEi.
         out.append("--set model.teachers=" + ",".join(f"{t.tag}@{t.weights or f'FILE{j}'}"
                                                        for j, t in enumerate(cfg.model.teachers)))
