@@ -49,7 +49,8 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
     summary = synthesize(args.out, num_classes=args.classes, train_per_class=args.train_per_class,
                          val_per_class=args.val_per_class, seed=args.seed, size_range=tuple(args.size_range),
-                         oddities=args.oddities, progress=not args.no_progress, num_workers=args.workers)
+                         oddities=args.oddities, progress=not args.no_progress, num_workers=args.workers,
+                         force=args.force)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -60,6 +61,17 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     report = check_dataset(args.dir, progress=not args.no_progress, num_workers=args.workers)
     print(format_report(report))
     return 0 if report.ok else 1
+
+
+def cmd_data_imagenet_val(args: argparse.Namespace) -> int:
+    from fastmeal.data.imagenet import arrange_val, labels_from_devkit, labels_from_solution
+
+    _setup_logging()
+    labels = labels_from_devkit(args.devkit) if args.devkit else labels_from_solution(args.solution)
+    summary = arrange_val(args.flat, args.out, labels, move=args.move, per_class=args.per_class or None,
+                          progress=not args.no_progress)
+    print(json.dumps(summary))
+    return 0
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -109,18 +121,41 @@ def _failures() -> tuple[type[Exception], ...]:
     return DiskFullError, NonFiniteError, OutOfMemoryError, RunDirVanishedError
 
 
-def _report_user_error(err: Exception) -> int:
+# What to do about an OSError on a path: the user's environment (read-only or full disk, permissions, a name
+# too long, a file where a folder is needed), never a bug of fastmeal's (issue #23).
+_PATH_ADVICE = {
+    errno.EROFS: "the file system is read-only: choose an output folder on a writable disk",
+    errno.EACCES: "permission denied: choose a folder you can write (or read), or fix its permissions",
+    errno.EPERM: "operation not permitted: choose another folder, or fix its permissions",
+    errno.ENAMETOOLONG: "the name is longer than the file system allows: choose a shorter name",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
+    errno.EISDIR: "it is a folder where a file is needed: name a file",
+    errno.EEXIST: "it exists already (a file where a folder is needed?): choose another path",
+    errno.ENOENT: "no such file or folder: check the path",
+    errno.ELOOP: "too many levels of symbolic links (a link loop?): fix or remove the link",
+}
+
+
+def _path_error(err: OSError) -> str:
+    """One line for an OSError on a path: the path, the system's reason, what to do."""
+    paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+    advice = _PATH_ADVICE.get(err.errno, "check the path and the disk")
+    return f"{paths}: {err.strerror or err}; {advice}"
+
+
+def _report_user_error(err: Exception | str) -> int:
     print(f"fastmeal: error: {err}", file=sys.stderr)
     return EXIT_BAD_INPUT
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from fastmeal.config import parse_allowed_changes
     from fastmeal.metrics import finite_json
     from fastmeal.run import train
 
     cfg = config_from_args(args, **{"runtime.resume": args.resume})
     _setup_logging()
-    summary = train(cfg)
+    summary = train(cfg, allow_changed=parse_allowed_changes(args.allow_changed))
     # Every rank prints its own summary (torchrun keeps ranks' streams apart): a rank's summary says
     # why it stopped ("preempted by SIGUSR1" on the signalled rank, "by peer" on the others).
     print(json.dumps(finite_json(summary), indent=2, default=str, allow_nan=False))
@@ -145,6 +180,26 @@ def cmd_bank_build(args: argparse.Namespace) -> int:
     return 0
 
 
+# The config keys `fastmeal eval`'s flags set: its errors name the flag the user typed, not the key.
+_EVAL_FLAGS = {"model.student_weights": "--weights", "model.student": "--model", "data.root": "--data",
+               "data.image_size": "--res", "data.eval_resize": "--resize", "data.eval_batch_size": "--batch-size",
+               "data.workers": "--workers", "data.backend": "--backend", "runtime.device": "--device",
+               "precision.mode": "--precision"}
+
+
+def _in_eval_flags(err: Exception) -> Exception:
+    """``err`` with each config key of an eval flag written as that flag (``data.root='x'`` → ``--data 'x'``)."""
+    import re
+
+    text = str(err)
+    for key, flag in _EVAL_FLAGS.items():
+        text = re.sub(rf"(?<![\w.]){re.escape(key)}(?![\w.])(=?)", lambda m, f=flag: f + (" " if m[1] else ""), text)
+    try:
+        return type(err)(text)
+    except TypeError:  # an exception type that does not take one message: keep it as it was
+        return err
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from fastmeal.evaluate import evaluate_config
     from fastmeal.metrics import finite_json
@@ -153,9 +208,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
              "data.image_size": args.res, "data.eval_resize": args.resize, "data.eval_batch_size": args.batch_size,
              "data.workers": args.workers, "data.backend": args.backend, "runtime.device": args.device,
              "precision.mode": args.precision}
-    cfg = config_from_args(args, **{k: str(v) for k, v in extra.items() if v is not None})
-    _setup_logging()
-    result = evaluate_config(cfg, progress=not args.no_progress)
+    try:
+        cfg = config_from_args(args, **{k: str(v) for k, v in extra.items() if v is not None})
+        _setup_logging()
+        result = evaluate_config(cfg, progress=not args.no_progress)
+    except (ConfigError, *_user_errors()) as err:
+        raise _in_eval_flags(err) from err
     if args.json:
         print(json.dumps(finite_json(result), indent=2, allow_nan=False))
     else:
@@ -163,6 +221,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f" top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
               f"[{result['count']} images, {result['images_per_s']:.1f} img/s on {result['device']}]")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -193,6 +262,44 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _needed_weights(cfg):
+    """Every weights file a training run of ``cfg`` loads: the student's, and the teachers' unless it needs none."""
+    from fastmeal.models.factory import weight_sources
+    from fastmeal.objectives import needs_teachers
+
+    return weight_sources(cfg, teachers=needs_teachers(cfg))
+
+
+def cmd_weights_list(args: argparse.Namespace) -> int:
+    from fastmeal.models.factory import HF_FILENAMES
+
+    cfg = config_from_args(args)
+    sources = _needed_weights(cfg)
+    for s in sources:
+        here = f"found {s.found} ({os.path.getsize(s.found) / 1e6:.1f} MB)" if s.found else "MISSING"
+        hub = f"hf {s.hf_repo} {'|'.join(HF_FILENAMES)}" if s.hf_repo and not s.file else s.origin()
+        print(f"{s.key:<18} {s.tag:<32} {hub}  {here}")
+    missing = sum(not s.found for s in sources)
+    print(f"# {len(sources)} file(s), {missing} missing here" + (
+        f"; fetch them on a machine with network access: fastmeal weights fetch --preset {args.preset} --out DIR "
+        "(same --set options), then HF_HUB_CACHE=DIR here" if missing else ""))
+    return 0
+
+
+def cmd_weights_fetch(args: argparse.Namespace) -> int:
+    from fastmeal.models.factory import fetch_weights
+
+    cfg = config_from_args(args)
+    sources = _needed_weights(cfg)
+    for source, path in fetch_weights(sources, args.out):
+        print(f"{source.key:<18} {source.tag:<32} {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    for source in sources:
+        if source.file:
+            print(f"{source.key:<18} {source.tag:<32} names the local file {source.file}: copy it yourself")
+    print(f"# on the offline machine: copy {args.out} there, then export HF_HUB_CACHE={args.out} HF_HUB_OFFLINE=1")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastmeal", description="Fast, faithful MEAL V2 distillation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -208,27 +315,46 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True)
     synth = data.add_parser("synth", help="write a deterministic synthetic JPEG dataset (ImageFolder layout)")
     synth.add_argument("out", help="output folder (train/ and val/ are created in it)")
-    synth.add_argument("--classes", type=int, default=10)
-    synth.add_argument("--train-per-class", type=int, default=100)
-    synth.add_argument("--val-per-class", type=int, default=20)
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--classes", type=int, default=10, help="number of classes, >= 2 (default 10)")
+    synth.add_argument("--train-per-class", type=int, default=100, help="train images per class (default 100)")
+    synth.add_argument("--val-per-class", type=int, default=20, help="val images per class (default 20)")
+    synth.add_argument("--seed", type=int, default=0, help="the same seed writes byte-identical files (default 0)")
     synth.add_argument("--size-range", type=int, nargs=2, default=(64, 112), metavar=("LO", "HI"),
                        help="short side in pixels (ImageNet-like: 375 500)")
     synth.add_argument("--oddities", action="store_true",
                        help="add grayscale, CMYK, progressive JPEGs and a PNG named .JPEG, as ImageNet has")
     synth.add_argument("--workers", type=int, default=1, help="processes (the files do not depend on it)")
-    synth.add_argument("--no-progress", action="store_true")
+    synth.add_argument("--force", action="store_true", help="write into a non-empty folder: replaces a dataset data "
+                       "synth wrote there (only its own files are deleted); other data is never touched")
+    synth.add_argument("--no-progress", action="store_true", help="no progress bar")
     synth.set_defaults(func=cmd_data_synth)
     check = data.add_parser("check", help="count images and list every problem by path (exit 1 on problems)")
-    check.add_argument("dir")
+    check.add_argument("dir", help="dataset root holding train/<class>/* and/or val/<class>/*")
     check.add_argument("--workers", type=int, default=1, help="processes decoding files in parallel")
-    check.add_argument("--no-progress", action="store_true")
+    check.add_argument("--no-progress", action="store_true", help="no progress bar")
     check.set_defaults(func=cmd_data_check)
+
+    inval = data.add_parser("imagenet-val", help="arrange ImageNet's flat val folder into class folders "
+                            "(val/<wnid>/*.JPEG) from the devkit or LOC_val_solution.csv, and check 50 per class")
+    inval.add_argument("flat", help="the folder ILSVRC2012_img_val.tar was unpacked into")
+    inval.add_argument("--out", required=True, metavar="VAL_DIR", help="the val split to write, e.g. "
+                       "/data/imagenet/val (new or empty; a stopped run continues)")
+    labels = inval.add_mutually_exclusive_group(required=True)
+    labels.add_argument("--devkit", metavar="DIR", help="the extracted ILSVRC2012_devkit_t12 folder (needs SciPy)")
+    labels.add_argument("--solution", metavar="CSV", help="Kaggle's LOC_val_solution.csv")
+    inval.add_argument("--move", action="store_true", help="move the files (default: symbolic links to them)")
+    inval.add_argument("--per-class", type=int, default=50, help="images every class must have (default 50; 0: "
+                       "no check)")
+    inval.add_argument("--no-progress", action="store_true", help="no progress bar")
+    inval.set_defaults(func=cmd_data_imagenet_val)
 
     train = sub.add_parser("train", help="train (MEAL V2 distillation, or hard labels with loss.mode=ce)")
     _add_config_args(train)
     train.add_argument("--resume", metavar="auto|PATH",
                        help="continue from the newest valid checkpoint of the run dir (auto) or from PATH")
+    train.add_argument("--allow-changed", action="append", default=[], metavar="KEY[,KEY...]",
+                       help="on resume, accept these changed config keys (or a whole section, e.g. data) although "
+                            "they change what the run computes, e.g. data.root after copying the data")
     train.set_defaults(func=cmd_train)
 
     bank = sub.add_parser("bank", help="the soft-label bank: teacher outputs stored once, replayed by students")
@@ -238,8 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", required=True, metavar="BANK", help="bank folder (continued if it exists)")
     build.add_argument("--epochs", metavar="A:B", help="build epochs A..B-1 only (default: schedule.epochs)")
     build.add_argument("--top-k", type=int, metavar="K", help="probabilities kept per record (default bank.top_k=5)")
-    build.add_argument("--no-progress", action="store_true")
-    build.set_defaults(func=cmd_bank_build)
+    build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    build.set_defaults(func=cmd_bank_build, on_interrupt="the chunks already built are kept: run the "
+                       "same `fastmeal bank build` again to continue where it stopped")
 
     ev = sub.add_parser("eval", help="top-1/top-5 of a model on a val split (single centre crop, SPEC protocol)")
     _add_config_args(ev)
@@ -248,16 +375,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help=".pth/.pt/.safetensors (a released MEAL V2 file with module. keys loads); "
                          "default: the tag's pretrained weights")
     ev.add_argument("--data", required=True, metavar="DIR", help="dataset root holding val/<class>/*")
-    ev.add_argument("--res", type=int, default=224, metavar="S", help="crop size S (default 224)")
+    ev.add_argument("--res", type=_positive_int, default=224, metavar="S", help="crop size S (default 224)")
     ev.add_argument("--resize", type=int, metavar="R", help="short side before the crop (default int(256/224*S))")
-    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--batch-size", type=_positive_int, default=256, help="images per batch (default 256)")
     ev.add_argument("--workers", type=int, help="loader workers (default data.workers, at most the CPUs)")
-    ev.add_argument("--backend", choices=("auto", *BACKENDS))
-    ev.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    ev.add_argument("--backend", choices=("auto", *BACKENDS), help="image decoding (default data.backend)")
+    ev.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to run (default runtime.device)")
     ev.add_argument("--precision", default="fp32", choices=("fp32", "amp", "amp-bf16", "amp-fp16"),
                     help="fp32 (default, the reference's numerics) or autocast")
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
-    ev.add_argument("--no-progress", action="store_true")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
 
     report = sub.add_parser("report", help="figures, report.html and report.md of run dirs (needs matplotlib)")
@@ -266,15 +393,33 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", metavar="DIR", help="output folder (default RUN_DIR/report, ./report for several)")
     report.set_defaults(func=cmd_report)
 
+    weights = sub.add_parser("weights", help="the weight files a preset needs, and fetching them for an offline "
+                             "machine").add_subparsers(dest="action", required=True)
+    wlist = weights.add_parser("list", help="list each weights file (student, teachers): timm tag, Hugging Face repo "
+                               "and file, and whether it is here (HF_HUB_CACHE or the named file)")
+    _add_config_args(wlist)
+    wlist.set_defaults(func=cmd_weights_list)
+    fetch = weights.add_parser("fetch", help="download them (needs network) into one folder in the Hugging Face "
+                               "cache layout; on the offline machine set HF_HUB_CACHE to that folder")
+    _add_config_args(fetch)
+    fetch.add_argument("--out", required=True, metavar="DIR", help="folder to download into (HF cache layout)")
+    fetch.set_defaults(func=cmd_weights_fetch)
+
     demo = sub.add_parser("demo", help="end to end on the CPU: synthetic data, two teachers, a baseline, MEAL V2")
     demo.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the dataset and of every training run")
-    demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(func=cmd_demo)
     return parser
 
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_LOST_PEER, EXIT_BROKEN_PIPE = 0, 1, 2, 3, 141
+_TRAIN_INTERRUPTED = "checkpoints already written are intact: continue a training run with --resume auto"
+
+
+def _interrupted(args: argparse.Namespace) -> int:
+    print(f"fastmeal: interrupted (Ctrl-C); {getattr(args, 'on_interrupt', _TRAIN_INTERRUPTED)}", file=sys.stderr)
+    return lifecycle.EXIT_INTERRUPTED
 
 
 def _lost_peer(err: BaseException):
@@ -288,8 +433,8 @@ def main(argv: list[str] | None = None) -> int:
 
     0 done (a preempted run included: it wrote its checkpoint); 1 the run failed (NaN loss, full disk,
     vanished run dir, or a bug: with its traceback); 2 bad input (config, data, weights, checkpoint,
-    busy run dir: the message says how to fix it); 3 another rank is gone (killed, crashed, hung: one line,
-    a restart continues); 130 Ctrl-C (a run stops after its step, with a
+    busy run dir, a path the system refuses: the message says how to fix it); 3 another rank is gone
+    (killed, crashed, hung: one line, a restart continues); 130 Ctrl-C (a run stops after its step, with a
     checkpoint; a second Ctrl-C exits at once); 143/138 SIGTERM/SIGUSR1 outside training; 141 stdout
     closed early (``| head``). Stop signals only record a request (:mod:`fastmeal.lifecycle`); loader
     worker processes are ended on every path.
@@ -304,13 +449,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise lifecycle.Stopped("SIGINT")
             return code
         except lifecycle.Stopped as stop:
+            if stop.reason == "SIGINT":
+                return _interrupted(args)
             print(f"fastmeal: {stop}", file=sys.stderr)
             return stop.exit_code
         except KeyboardInterrupt:  # raised by code, not by fastmeal's handlers (a library's, a test's)
-            print(f"fastmeal: {lifecycle.Stopped('SIGINT')}", file=sys.stderr)
-            return lifecycle.EXIT_INTERRUPTED
+            return _interrupted(args)
         except ConfigError as err:
-            print(f"fastmeal: config error: {err}", file=sys.stderr)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank reads the same config: say it once
+                print(f"fastmeal: config error: {err}", file=sys.stderr)
             return EXIT_BAD_INPUT
         except BrokenPipeError:
             # The reader (`| head`) is gone: say nothing more, and keep Python's exit-time flush from failing too.
@@ -331,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"fastmeal: error: no space left on the device writing {err.filename or 'a file'}: free some "
                       "space (checkpoints already written are intact)", file=sys.stderr)
                 return EXIT_FAILED
+            if isinstance(err, OSError) and err.filename is not None:
+                return _report_user_error(_path_error(err))
             traceback.print_exc()
             print(f"fastmeal: error: unexpected {type(err).__name__} (a bug: please report it with the traceback "
                   "above)", file=sys.stderr)

@@ -9,6 +9,7 @@ config round-trips through JSON (``Config.from_dict(json.loads(json.dumps(cfg.to
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import types
@@ -380,9 +381,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             return None
         return _convert(args[0], value, key)
     if dataclasses.is_dataclass(tp):
-        if isinstance(value, str):  # a teacher written as "tag" or "tag@weights"
-            tag, _, weights = value.partition("@")
-            value = {"tag": tag, "weights": weights}
+        if isinstance(value, str) and tp is TeacherConfig:  # a teacher written as "tag" or "tag@weights"
+            value = _teacher_from_text(value, key)
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key} must be a table of {tp.__name__} fields, got {value!r}")
         return _from_plain(tp, value, key)
@@ -427,6 +427,23 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
+_WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", ".ckpt", ".tar")
+
+
+def _teacher_from_text(text: str, key: str) -> dict[str, str]:
+    """``"tag"`` or ``"tag@weights"`` → a teacher table; a bare file name is refused.
+
+    In ``model.teachers=a@/w/x,y.pth`` the comma separates teachers, so a path holding a comma would
+    otherwise become a second "teacher" tagged ``y.pth`` without a word.
+    """
+    tag, _, weights = text.partition("@")
+    if not weights and ("/" in tag or tag.lower().endswith(_WEIGHT_SUFFIXES)):
+        raise ConfigError(f"{key}={text!r} looks like a weights file, not a timm tag: teachers are written tag or "
+                          "tag@FILE, separated by commas; for a path that holds a comma use the list form, e.g. "
+                          "--set 'model.teachers=[\"resnet50@/w/a,b.pth\"]'")
+    return {"tag": tag, "weights": weights}
+
+
 def _split_list(text: str) -> list[str]:
     """``"a,b"`` → ``["a", "b"]``; ``"101:0.001,150:0.0001"`` → ``[["101","0.001"], ...]`` for pairs."""
     text = text.strip()
@@ -442,8 +459,8 @@ def _from_plain(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     unknown = [k for k in data if k not in names]
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown config key {where}{unknown[0]!r}; valid keys here: "
-                          + ", ".join(f"{where}{n}" for n in names))
+        raise ConfigError(f"unknown config key {where}{unknown[0]!r}{_did_you_mean(unknown[0], names, where)}; "
+                          "valid keys here: " + ", ".join(f"{where}{n}" for n in names))
     kwargs = {k: _convert(hints[k], v, f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -462,6 +479,22 @@ def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
     return keys
 
 
+def _did_you_mean(name: str, candidates: Iterable[str], prefix: str = "") -> str:
+    """``" (did you mean optim.lr?)"`` for the closest candidates, or ``""``."""
+    close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(prefix + c for c in close)}?)" if close else ""
+
+
+def unknown_key_error(key: str) -> ConfigError:
+    """The error for a dotted key that is not in the tree: the closest keys, and the keys of its section."""
+    keys = valid_keys()
+    section = key.split(".")[0]
+    near = [k for k in keys if k.startswith(f"{section}.")]
+    listed = f"keys of {section}: {', '.join(near)}" if near else f"sections: {', '.join(sorted(_SECTIONS))}"
+    return ConfigError(f"unknown config key {key!r}{_did_you_mean(key, keys)}; {listed} "
+                       "(`fastmeal config show` lists every key)")
+
+
 def apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
     """Apply ``{"optim.lr": "0.02", ...}`` (or nested tables) to ``cfg``; validate the result."""
     plain = cfg.to_dict()
@@ -470,8 +503,12 @@ def apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
         node = plain
         for i, part in enumerate(parts):
             if not isinstance(node, dict) or part not in node:
-                raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
+                raise unknown_key_error(key)
             if i == len(parts) - 1:
+                if isinstance(node[part], dict) and not isinstance(value, Mapping):
+                    # `--set data=foo`: a section is a table of keys, not one value
+                    raise ConfigError(f"{key} is a section, not a key: set one of its keys, e.g. "
+                                      f"{next(k for k in valid_keys() if k.startswith(key + '.'))}=...")
                 node[part] = value
             else:
                 node = node[part]
@@ -507,6 +544,9 @@ def parse_set_args(items: Iterable[str]) -> dict[str, str]:
 def load_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML (``.toml``), YAML (``.yaml``/``.yml``) or JSON config file as overrides."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--config {path} is a folder; it takes a .toml/.yaml/.json file (a run dir's config is "
+                          f"{path / 'config.json'})")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     text = path.read_text()
@@ -669,3 +709,136 @@ def build_config(preset: str = "r50_224", *, config_file: str | Path | None = No
     if overrides:
         cfg = apply_overrides(cfg, overrides)
     return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Resuming with another config: which changed keys a run may take on, and which change what it computes
+# --------------------------------------------------------------------------------------------
+
+#: The command-line flag of ``fastmeal train`` that accepts refused changes on resume (README, "Resuming").
+ALLOW_CHANGED_FLAG = "--allow-changed"
+
+#: Keys a resumed run takes on without being asked: where and how fast it runs, what it logs, how often it
+#: checkpoints or evaluates, and more epochs. None of them changes a trained weight. ``schedule.epochs`` is
+#: accepted when it grows (a shorter schedule ends a run that was planned longer: refused).
+RESUME_ACCEPTED = frozenset({
+    "name", "data.backend", "data.eval_batch_size", "data.workers", "data.prefetch", "data.dali_hw_decoder_load",
+    "teacher_engine.fold_bn", "teacher_engine.cuda_graph", "teacher_engine.compile", "loss.impl", "optim.impl",
+    "schedule.epochs", "precision.channels_last", "runtime.device", "runtime.run_dir",
+    "runtime.checkpoint_every_steps", "runtime.keep_last", "runtime.if_exists", "runtime.compile",
+    "runtime.cudnn_benchmark", "runtime.dist_timeout_s", "logging.interval", "logging.tensorboard",
+    "logging.progress_bar",
+    "profile.nsys_steps", "profile.torch_steps", "bank.chunk_records",
+})
+
+#: Keys that change what the run computes (its data, order, crops, models, loss, optimiser, numerics or
+#: evaluation): a resume refuses a change unless the user names the key with :data:`ALLOW_CHANGED_FLAG`.
+#: ``data.root`` and ``bank.path`` are here because a new path may hold other data; after staging the
+#: same data elsewhere, allow them by name.
+RESUME_REFUSED = frozenset({
+    "data.root", "data.image_size", "data.eval_resize", "data.batch_size", "data.last_batch", "data.skip_corrupt",
+    "data.cutmix", "model.student", "model.student_weights", "model.pretrained", "model.teachers",
+    "model.num_classes", "teacher_engine.dtype", "loss.mode", "loss.discriminator", "loss.final_relu",
+    "loss.discriminator_hidden", "optim.lr", "optim.momentum", "optim.nesterov", "optim.weight_decay",
+    "schedule.lr_steps", "precision.mode", "runtime.seed", "runtime.max_steps_per_epoch", "bank.path", "bank.top_k",
+})
+
+#: How this invocation starts (``--resume``), not what the run is: never reported as a change.
+RESUME_IGNORED = frozenset({"runtime.resume"})
+
+
+@dataclass(frozen=True)
+class ConfigChange:
+    """One key whose value differs between a checkpoint's config and the resuming one (plain JSON values)."""
+
+    key: str
+    old: Any
+    new: Any
+
+    def __str__(self) -> str:
+        return f"{self.key}: {_show(self.old)} -> {_show(self.new)}"
+
+
+def _show(value: Any) -> str:
+    """A value as the user would write it: ``64``, ``'/data'``, ``[test_resnet, b@/w/b.pth]``."""
+    if isinstance(value, list):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    if isinstance(value, dict) and "tag" in value:  # a teacher
+        return value["tag"] + (f"@{value['weights']}" if value.get("weights") else "")
+    if isinstance(value, str):
+        return repr(value)
+    return json.dumps(value)
+
+
+def parse_allowed_changes(values: Iterable[str]) -> frozenset[str]:
+    """``--allow-changed KEY[,KEY...]`` (repeatable) → the keys; a section name (``data``) allows all its keys.
+
+    Raises:
+        ConfigError: a name that is neither a key nor a section (with the closest keys).
+    """
+    keys = set(valid_keys())
+    out: set[str] = set()
+    for item in (k.strip() for v in values for k in v.split(",")):
+        if not item:
+            continue
+        if item in _SECTIONS:
+            out.update(k for k in keys if k.startswith(f"{item}."))
+        elif item in keys:
+            out.add(item)
+        else:
+            raise ConfigError(f"{ALLOW_CHANGED_FLAG} {item!r} is not a config key{_did_you_mean(item, keys)}")
+    return frozenset(out)
+
+
+def resume_changes(old: Config, new: Config, *,
+                   allowed: Iterable[str] = ()) -> tuple[list[ConfigChange], list[ConfigChange]]:
+    """The keys that differ between ``old`` (the checkpoint's config) and ``new``, as ``(accepted, refused)``.
+
+    A key of :data:`RESUME_REFUSED` (or a shrinking ``schedule.epochs``) is refused unless it is in
+    ``allowed`` (:func:`parse_allowed_changes`); :data:`RESUME_ACCEPTED` keys are accepted;
+    :data:`RESUME_IGNORED` keys are not listed. A key in none of them is refused (a new key must be
+    classified: tests/test_config.py checks that every key is). Both lists follow :func:`valid_keys`' order.
+    """
+    allowed = frozenset(allowed)
+    old_plain, new_plain = _flat_plain(old.to_dict()), _flat_plain(new.to_dict())
+    accepted, refused = [], []
+    for key in valid_keys():
+        if key in RESUME_IGNORED or old_plain[key] == new_plain[key]:
+            continue
+        change = ConfigChange(key, old_plain[key], new_plain[key])
+        ok = key in RESUME_ACCEPTED and not (key == "schedule.epochs" and change.new < change.old)
+        (accepted if ok or key in allowed else refused).append(change)
+    return accepted, refused
+
+
+def format_changes(changes: Iterable[ConfigChange]) -> str:
+    """One line: ``"changed keys: data.batch_size: 64 -> 32, runtime.seed: 0 -> 1"``."""
+    return "changed keys: " + ", ".join(str(c) for c in changes)
+
+
+def check_resume_config(old: Config, new: Config, *, allowed: Iterable[str] = ()) -> list[ConfigChange]:
+    """The accepted changes of a resume from ``old`` to ``new``; raises if any change is refused.
+
+    Raises:
+        ConfigError: one line listing every refused key with its old and new value, and the flag that
+            accepts them.
+    """
+    accepted, refused = resume_changes(old, new, allowed=allowed)
+    if refused:
+        keys = ",".join(c.key for c in refused)
+        raise ConfigError(f"resume refused: the checkpoint was trained with another config, and these keys change "
+                          f"what the run computes: {format_changes(refused)[len('changed keys: '):]}. Resume with "
+                          f"the checkpoint's values (its run dir's config.json), or accept them with "
+                          f"{ALLOW_CHANGED_FLAG} {keys}")
+    return accepted
+
+
+def _flat_plain(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"data": {"root": x}}`` → ``{"data.root": x}`` (sections only; teacher tables stay values)."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping) and not prefix and k in _SECTIONS:
+            out.update(_flat_plain(v, f"{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -259,7 +259,8 @@ def run_demo(out: str | Path = "demo_out", *, seed: int = 0, settings: DemoSetti
 
     log.info("demo: writing the dataset to %s", out / "data")
     synthesize(out / "data", num_classes=settings.num_classes, train_per_class=settings.train_per_class,
-               val_per_class=settings.val_per_class, seed=seed, size_range=settings.size_range, progress=progress)
+               val_per_class=settings.val_per_class, seed=seed, size_range=settings.size_range, progress=progress,
+               force=True)  # the demo's own folder: a rerun replaces the dataset it wrote, nothing else
 
     hard_labels = {"loss.mode": "ce", "model.pretrained": False, "model.student_weights": ""}
     teachers = []

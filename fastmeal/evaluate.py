@@ -135,7 +135,8 @@ def evaluate_config(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     result = evaluate(model, loader, device=device, autocast_dtype=autocast_dtype, channels_last=channels_last,
                       progress=progress, desc=f"eval {cfg.model.student}", all_ranks=False)
     if result["count"] != loader.dataset_size:
-        log.warning("evaluated %d images but the val split has %d", result["count"], loader.dataset_size)
+        log.warning("evaluated %d images but the val split has %d (%d corrupt file(s) skipped: data.skip_corrupt=true)",
+                    result["count"], loader.dataset_size, loader.num_skipped)
     return {"model": cfg.model.student, "weights": cfg.model.student_weights or "(pretrained)",
             "image_size": cfg.data.image_size, "eval_resize": cfg.data.resolved_eval_resize,
             "device": str(device), **result}

@@ -51,6 +51,11 @@ class Objective(nn.Module):
         not use."""
         return cls()
 
+    @classmethod
+    def uses_teachers(cls, cfg: Config) -> bool:
+        """Whether a run of ``cfg`` builds (and loads the weights of) the teachers ``model.teachers`` names."""
+        return False
+
     def train_loader(self, loader: Any) -> Any:
         """The loader the trainer reads, given the run's (a mode whose targets come with the data wraps it)."""
         return loader
@@ -113,6 +118,10 @@ class MealV2(Objective):
         self.part_names = ("loss", "kd", "d", "kl") if discriminator is not None else ("loss", "kd", "kl")
 
     @classmethod
+    def uses_teachers(cls, cfg: Config) -> bool:
+        return not cfg.bank.path  # from a bank: their soft labels, not the teachers
+
+    @classmethod
     def build(cls, cfg: Config, *, device: torch.device, batch_size: int, **parts: Any) -> Objective:
         from fastmeal.models.factory import build_discriminator, build_teachers
 
@@ -170,3 +179,8 @@ def build_objective(cfg: Config, *, device: torch.device | None = None, batch_si
     cls = resolve(OBJECTIVES, cfg.loss.mode)
     return cls.build(cfg, device=device or torch.device("cpu"), batch_size=batch_size or cfg.data.batch_size,
                      **parts)
+
+
+def needs_teachers(cfg: Config) -> bool:
+    """Whether a run of ``cfg`` builds the teachers (its objective's answer)."""
+    return resolve(OBJECTIVES, cfg.loss.mode).uses_teachers(cfg)

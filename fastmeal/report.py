@@ -221,6 +221,8 @@ class Run:
             for r in self.epochs:
                 if not steps or r.get("lr") != steps[-1][1]:
                     steps.append((r["epoch"], r.get("lr")))
+        if not steps:  # no LR in the config (`{}`) and no epoch finished yet: no regime to draw
+            return []
         ends = [s for s, _ in steps[1:]] + [total]
         return [(start, end, lr) for (start, lr), end in zip(steps, ends, strict=True) if end > start]
 
@@ -259,6 +261,10 @@ def load_run(path: str | os.PathLike) -> Run:
             config = json.loads(config_file.read_text())
         except json.JSONDecodeError as err:
             warnings.append(f"{config_file}: not valid JSON ({err}); reporting without the config")
+        if config is not None and not isinstance(config, dict):
+            warnings.append(f"{config_file} holds a {type(config).__name__}, not a fastmeal config; reporting "
+                            "without it")
+            config = None
     records: list[dict[str, Any]] = []
     written_at = None
     if metrics.exists():
@@ -443,7 +449,7 @@ def run_status(run: Run) -> str:
     """``finished``, or where an unfinished run stands and when it should end."""
     total = run.total_epochs
     if run.finished:
-        return f"finished ({run.epochs_done} epochs)"
+        return f"finished ({run.epochs_done} epoch{'' if run.epochs_done == 1 else 's'})"
     where = f"{run.epochs_done}/{total if total is not None else '?'} epochs done"
     if run.train and run.train[-1].get("epoch", 0) >= run.epochs_done:
         steps = run.steps_per_epoch

@@ -31,8 +31,8 @@ def build_trainer(cfg: Config, *, dist: DistInfo | None = None, hooks: Sequence[
     """
     from fastmeal.data import build_loader, check_loaders
     from fastmeal.distributed import check_global_batches, init_distributed, per_rank_batch, world_size_from_env
-    from fastmeal.models.factory import build_student
-    from fastmeal.objectives import build_objective
+    from fastmeal.models.factory import build_student, check_weights_available
+    from fastmeal.objectives import build_objective, needs_teachers
 
     # Before joining the process group, so that every rank fails at once instead of waiting for the others.
     check_global_batches(cfg.data, dist.world_size if dist else world_size_from_env())
@@ -44,6 +44,7 @@ def build_trainer(cfg: Config, *, dist: DistInfo | None = None, hooks: Sequence[
     val_loader = build_loader(cfg, "val", rank=dist.rank, world_size=dist.world_size, device=dist.device)
     check_loaders(cfg, train_loader, val_loader)  # before any model is built or loaded
     lifecycle.raise_if_stopped()
+    check_weights_available(cfg, teachers=needs_teachers(cfg))  # every missing file named at once, before any load
     student = build_student(cfg)
     objective = build_objective(cfg, device=dist.device, batch_size=per_rank_batch(cfg.data.batch_size,
                                                                                    dist.world_size))
@@ -53,8 +54,11 @@ def build_trainer(cfg: Config, *, dist: DistInfo | None = None, hooks: Sequence[
                    val_loader=val_loader, dist=dist, hooks=hooks)
 
 
-def train(cfg: Config, *, hooks: Sequence[TrainerHook] = ()) -> dict[str, Any]:
+def train(cfg: Config, *, hooks: Sequence[TrainerHook] = (), allow_changed: frozenset[str] = frozenset()
+          ) -> dict[str, Any]:
     """``fastmeal train``: build everything from ``cfg``, resume as ``runtime.resume`` says, fit.
+
+    ``allow_changed``: config keys a resume may change although they change what the run computes.
 
     Returns:
         The trainer's summary plus ``run_dir`` and ``resumed_from``. A stop request during set-up gives the
@@ -72,7 +76,7 @@ def train(cfg: Config, *, hooks: Sequence[TrainerHook] = ()) -> dict[str, Any]:
     with lifecycle.handling_stops():
         try:
             trainer = build_trainer(cfg, hooks=[*default_hooks(cfg), *hooks])
-            resumed = trainer.resume(cfg.runtime.resume)
+            resumed = trainer.resume(cfg.runtime.resume, allowed=allow_changed)
             summary = trainer.fit()
         except lifecycle.Stopped as stop:
             if stop.reason == "SIGINT":

@@ -166,6 +166,7 @@ class Trainer:
         self.best_top1: float | None = None
         self.last_eval: dict[str, float] | None = None
         self.history: list[dict[str, Any]] = []
+        self._resume_changes: list[Any] | None = None  # None: not resumed
 
     @property
     def is_main(self) -> bool:
@@ -248,11 +249,14 @@ class Trainer:
     def _fit(self) -> dict[str, Any]:
         from fastmeal.checkpoint import atomic_write_bytes
 
-        if self.is_main:
-            atomic_write_bytes(self.run_dir / "config.json", (self.cfg.to_json() + "\n").encode())
+        if self.is_main and not (self._resume_changes is not None and (self.run_dir / "config.json").is_file()):
+            atomic_write_bytes(self.run_dir / "config.json", (self.cfg.to_json() + "\n").encode())  # the original
             self.checkpoints.clear_marker()
             self.checkpoints.report_disk_needs(_bytes(self.model.state_dict()), _bytes(self.model.student.state_dict()))
         self.writer = MetricsWriter(self.run_dir, enabled=self.is_main, tensorboard=self.cfg.logging.tensorboard)
+        for change in self._resume_changes or ():  # each accepted change of config, with the step it took effect
+            self.writer.write("config_change", {"global_step": self.global_step, "key": change.key,
+                                                "old": change.old, "new": change.new})
         start = time.perf_counter()
         self._fit_origin = (start, self.global_step)
         self.stops = lifecycle.StopAgreement()
@@ -478,6 +482,21 @@ class Trainer:
         state = {**self.training_state(), "top1": top1, "is_best": is_best, "epoch_record": record}
         return self.checkpoints.save(state)
 
+    def _check_config(self, state: dict[str, Any], allowed: frozenset[str]) -> list[Any]:
+        import json
+
+        from fastmeal.config import ConfigError, check_resume_config
+
+        old = Config.from_dict(json.loads(state["config"]))
+        changes = check_resume_config(old, self.cfg, allowed=allowed)
+        if int(state["step_in_epoch"]) and old.data.batch_size != self.cfg.data.batch_size:
+            raise ConfigError(f"data.batch_size: {old.data.batch_size} -> {self.cfg.data.batch_size} can only take "
+                              f"effect at an epoch's start, and the checkpoint is at step {state['step_in_epoch']} of "
+                              f"epoch {state['epoch']}: resume with the old batch size to the epoch's end first")
+        for change in changes:
+            log.warning("resume: %s (accepted; from global step %d)", change, int(state["global_step"]))
+        return changes
+
     def load_training_state(self, state: dict[str, Any], *, source: str = "checkpoint") -> None:
         """Restore what :meth:`training_state` saved (models, optimiser, scaler, position, RNG)."""
         load_state_dict_checked(self.model.student, state["student"], source=f"{source} (student)")
@@ -506,8 +525,12 @@ class Trainer:
                         source, len(rng), self.dist.world_size)
             seed_everything(self.cfg.runtime.seed + self.global_step + self.dist.rank)
 
-    def resume(self, spec: str) -> Path | None:
+    def resume(self, spec: str, *, allowed: frozenset[str] = frozenset()) -> Path | None:
         """Continue from a checkpoint: ``auto`` (the newest valid one in the run dir, if any) or a path.
+
+        The checkpoint's config and this run's are compared key by key (:func:`fastmeal.config.resume_changes`):
+        a change of what the run computes is refused unless ``allowed`` names it (``--allow-changed``); the
+        accepted ones are logged and recorded in ``metrics.jsonl`` with the step they take effect at.
 
         Returns:
             The checkpoint used, or None (``auto`` with no checkpoint: a fresh start).
@@ -518,6 +541,7 @@ class Trainer:
         path, state = self.checkpoints.resume(spec)
         if state is None:
             return None
+        self._resume_changes = self._check_config(state, allowed)
         self.load_training_state(state, source=str(path))
         self.checkpoints.repair(path, state)
         log.info("resumed from %s: epoch %d, step %d in the epoch, global step %d", path, self.epoch,

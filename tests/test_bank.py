@@ -8,6 +8,9 @@ crops are compared across backends).
 from __future__ import annotations
 
 import json
+import logging
+import multiprocessing
+import os
 import shutil
 from pathlib import Path
 
@@ -76,7 +79,8 @@ class SpyTeachers:
 
 def _build(cfg, out, teachers=None, **kwargs):
     loader = build_loader(cfg, "train", device=CPU) if teachers is not None else None
-    info = [{"tag": t.tag, "weights": t.weights, "sha256": "test"} for t in cfg.model.teachers]
+    info = [{"tag": t.tag, "weights": t.weights, "sha256": "test", "file_sha256": store.file_sha256(t.weights)}
+            for t in cfg.model.teachers]
     return build_bank(cfg, out, dist=DistInfo(), progress=False, top_k=cfg.bank.top_k,
                       chunk_records=cfg.bank.chunk_records, loader=loader, teachers=teachers,
                       teacher_info=info if teachers is not None else None, **kwargs)
@@ -149,7 +153,7 @@ def test_dali_replays_the_builders_crops_within_one_level(files, tmp_path):
     assert diffs.max() <= 4 * ONE_LEVEL and diffs.mean() <= 0.5 * ONE_LEVEL
 
 
-def test_a_killed_build_resumes_to_the_same_bytes(files, tmp_path):
+def test_a_killed_build_resumes_to_the_same_bytes(files, tmp_path, caplog):
     cfg = _cfg(files, tmp_path / "run")
     _build(cfg, tmp_path / "straight", SpyTeachers(cfg))
 
@@ -162,7 +166,11 @@ def test_a_killed_build_resumes_to_the_same_bytes(files, tmp_path):
         store.BankReader(tmp_path / "resumed", epochs=range(EPOCHS))
 
     resumed = SpyTeachers(cfg)
-    _build(cfg, tmp_path / "resumed", resumed)
+    with caplog.at_level(logging.INFO, logger="fastmeal.bank"):
+        _build(cfg, tmp_path / "resumed", resumed)
+    # It says that it continues, and the epochs as ranges, not one number per epoch
+    assert "continuing the bank" in caplog.text and "1 chunk(s) of the others done; building 0-1" in caplog.text
+    assert "epochs 0-1 complete" in caplog.text
     # Only the unfinished work was redone: 10 of epoch 0's 18 images, then all of epoch 1.
     assert sum(len(b) for b in resumed.images) == 10 + 18
     for epoch in range(EPOCHS):
@@ -210,8 +218,89 @@ def test_refuses_a_bank_of_a_changed_dataset(files, bank, tmp_path):
     victim = sorted((data / "train").rglob("*.JPEG"))[0]
     victim.unlink()
     cfg = _cfg(files, tmp_path / "run", **{"data.root": data, "bank.path": bank})
-    with pytest.raises(BankError, match="dataset_digest: the bank has"):
+    with pytest.raises(BankError, match=f"{victim.parent.name}/{victim.name}: missing here"):
         open_bank(cfg, build_loader(cfg, "train", device=CPU))
+
+
+def test_a_bank_survives_a_plain_copy_of_the_data_and_a_touch(files, bank, tmp_path):
+    """Issue #23 item 3: a `cp -r` copy (new mtimes) or a `touch` of one JPEG was refused with two digests."""
+    import os
+    import subprocess
+
+    data = tmp_path / "staged"
+    subprocess.run(["cp", "-r", str(files[0]), str(data)], check=True)  # what a user does: no -a, new mtimes
+    shutil.rmtree(data / ".fastmeal-index", ignore_errors=True)  # indexed afresh, as on a new node
+    first = sorted((data / "train").rglob("*.JPEG"))[0]
+    os.utime(first, ns=(1, 10**18))
+    cfg = _cfg(files, tmp_path / "run", **{"data.root": data, "bank.path": bank})
+    open_bank(cfg, build_loader(cfg, "train", device=CPU))  # accepted
+    # Content that changes what the plan sees is refused, naming the file and what differs.
+    from PIL import Image
+
+    Image.new("RGB", (50, 60)).save(first, format="JPEG")
+    cfg = _cfg(files, tmp_path / "run", **{"data.root": data, "bank.path": bank})
+    with pytest.raises(BankError, match=rf"{first.parent.name}/{first.name}: size \d+ -> \d+ bytes, image "
+                                        r"\d+x\d+ -> 50x60"):
+        open_bank(cfg, build_loader(cfg, "train", device=CPU))
+
+
+def test_a_bank_refuses_other_teacher_weights_under_the_same_tag(files, bank, tmp_path):
+    """Issue #23 item 4: a bank run with another test_resnet@FILE exited 0 (only the tags were compared)."""
+    other = tmp_path / "other" / "student_last.pth"
+    other.parent.mkdir()
+    torch.manual_seed(7)
+    import timm
+
+    torch.save(timm.create_model("test_resnet", num_classes=DISK_CLASSES).state_dict(), other)
+    teachers = f"test_resnet@{files[1][0]},test_resnet@{other}"
+    cfg = _cfg(files, tmp_path / "run", **{"bank.path": bank, "model.teachers": teachers})
+    with pytest.raises(BankError, match=rf"model.teachers\[1\] = test_resnet@{other} is not the teacher"):
+        open_bank(cfg, build_loader(cfg, "train", device=CPU))
+    # the same bytes under another path are the same teacher
+    copy = tmp_path / "copy.pth"
+    shutil.copyfile(files[1][1], copy)
+    cfg = _cfg(files, tmp_path / "run", **{"bank.path": bank, "model.teachers": f"test_resnet@{files[1][0]},"
+                                                                                  f"test_resnet@{copy}"})
+    open_bank(cfg, build_loader(cfg, "train", device=CPU))
+    # hub weights named where the bank used a file: refused too (the config would name weights never used)
+    cfg = _cfg(files, tmp_path / "run", **{"bank.path": bank, "model.teachers": "test_resnet,test_resnet"})
+    with pytest.raises(BankError, match="names the hub's weights"):
+        open_bank(cfg, build_loader(cfg, "train", device=CPU))
+
+
+def _hold_epoch_locks(out, epochs, ready, done):
+    from fastmeal.bank.build import _claim_epochs
+
+    fd = _claim_epochs(out, epochs)
+    ready.set()
+    done.wait(60)
+    os.close(fd)
+
+
+def test_a_second_build_of_the_same_epochs_is_refused_and_a_run_dir_is_no_bank(files, tmp_path):
+    """Issue #23 item 10: two identical builds both did all the work; a bank could be built into a run dir."""
+    cfg = _cfg(files, tmp_path / "run")
+    out = tmp_path / "bank"
+    ctx = multiprocessing.get_context("fork")
+    ready, done = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_epoch_locks, args=(out, range(1, 2), ready, done))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        spy = SpyTeachers(cfg)
+        with pytest.raises(BankError, match=r"epoch\(s\) 1 of the bank .* are being built by another process"):
+            _build(cfg, out, spy)
+        assert spy.images == []  # refused before any teacher work
+        _build(cfg, out, SpyTeachers(cfg), epochs=range(0, 1))  # other epochs build alongside
+    finally:
+        done.set()
+        holder.join(60)
+    _build(cfg, out, SpyTeachers(cfg))  # the first build ended: its epochs are free again
+    run_dir = tmp_path / "trained"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text("{}")
+    with pytest.raises(BankError, match="is a training run dir"):
+        _build(cfg, run_dir, SpyTeachers(cfg))
 
 
 def test_bank_mode_config_rules(files, tmp_path):

@@ -146,3 +146,16 @@ def test_chunk_json_is_written_last_and_atomically(tmp_path):
     doc = json.loads(store.chunk_file(root, 0, 1, 0, 0).read_text())
     assert doc["count"] == 10 and doc["offset"] == 0 and isinstance(doc["crc32"], int)
     assert [p.name for p in (root / "chunks").iterdir()] == ["e0000-w1-r0-c0000.json"]  # no temporaries left
+
+
+def test_a_teacher_is_its_tag_and_weights_not_where_its_file_lies(tmp_path):
+    fields = {"dataset_digest": "d1", "dataset_size": 10, "num_classes": 10, "seed": 3, "image_size": 32,
+              "plan_version": 1, "top_k": 5}
+    first = [{"tag": "a", "weights": "/w/a.pth", "sha256": "s1"}]  # a bank of an older fastmeal: no file_sha256
+    store.open_or_create(tmp_path, store.make_manifest(teachers=first, **fields))
+    moved = [{"tag": "a", "weights": "/elsewhere/a.pth", "sha256": "s1", "file_sha256": "f1"}]
+    store.open_or_create(tmp_path, store.make_manifest(teachers=moved, **fields))  # continues the same bank
+    other = [{"tag": "a", "weights": "/w/a.pth", "sha256": "s2", "file_sha256": "f2"}]
+    with pytest.raises(store.BankError, match=r"teachers: the bank has \[\('a', 's1'\)\], this run has "
+                                              r"\[\('a', 's2'\)\]"):
+        store.open_or_create(tmp_path, store.make_manifest(teachers=other, **fields))

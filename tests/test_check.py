@@ -139,3 +139,14 @@ def test_many_classes_give_a_summary_instead_of_a_table(tmp_path):
 def test_parallel_check_gives_the_same_report(odd):
     root, _ = odd
     assert check_dataset(root, progress=False, num_workers=2) == check_dataset(root, progress=False)
+
+
+def test_a_symlink_loop_is_reported_not_walked(tmp_path):
+    import os
+
+    root = tmp_path / "d"
+    synthesize(root, num_classes=2, train_per_class=1, val_per_class=1, seed=0, size_range=(16, 20), progress=False)
+    link = sorted((root / "train").iterdir())[0] / "up"
+    os.symlink("..", link)
+    report = check_dataset(root, progress=False)
+    assert not report.ok and [(p.path, p.kind) for p in report.problems] == [(str(link), "symlink_loop")]

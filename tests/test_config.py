@@ -152,3 +152,103 @@ def test_cli_config_errors_exit_2(capsys):
     err = capsys.readouterr().err
     assert "optim.lrr" in err and "optim.lr" in err
     assert cli.main(["config", "show", "--set", "novalue"]) == 2
+
+
+# ---- resuming with another config (issue #23, item 2) and clearer key errors (item 10) ----
+
+def test_every_config_key_is_classified_for_resume():
+    """A key added to the tree must be put in RESUME_ACCEPTED or RESUME_REFUSED (or IGNORED), exactly once."""
+    from fastmeal.config import RESUME_ACCEPTED, RESUME_IGNORED, RESUME_REFUSED
+
+    keys = set(valid_keys())
+    groups = [RESUME_ACCEPTED, RESUME_REFUSED, RESUME_IGNORED]
+    assert sum(len(g) for g in groups) == len(set().union(*groups)), "a key is in two groups"
+    assert set().union(*groups) == keys, (f"unclassified: {sorted(keys - set().union(*groups))}; "
+                                          f"not keys: {sorted(set().union(*groups) - keys)}")
+
+
+def _changed_value(cfg, key):
+    """Another valid value for ``key`` (an independent table, not the code under test)."""
+    section, _, name = key.partition(".")
+    value = getattr(getattr(cfg, section), name) if name else getattr(cfg, section)
+    special = {"data.backend": "torchvision", "data.last_batch": "drop", "teacher_engine.dtype": "bf16",
+               "loss.mode": "ce", "loss.impl": "torch", "optim.impl": "torch", "precision.mode": "fp32",
+               "runtime.device": "cuda", "runtime.compile": "on", "runtime.if_exists": "new",
+               "profile.nsys_steps": "1:2", "profile.torch_steps": "3:4", "model.teachers": "x.y,z.w",
+               "schedule.lr_steps": "7:0.5", "loss.discriminator_hidden": "7,3", "data.eval_resize": "600",
+               "data.dali_hw_decoder_load": "0.5", "optim.momentum": "0.5", "runtime.run_dir": "elsewhere",
+               "runtime.resume": "auto", "bank.path": "/b", "bank.top_k": "7", "optim.nesterov": "true",
+               "data.cutmix": "true"}
+    if key in special:
+        return special[key]
+    if isinstance(value, bool):
+        return str(not value).lower()
+    if isinstance(value, int | float):
+        return str(value + 1)
+    return f"{value}-other"
+
+
+@pytest.mark.parametrize("key", valid_keys())
+def test_resume_changes_sorts_each_key(key):
+    from fastmeal.config import ALLOW_CHANGED_FLAG, RESUME_ACCEPTED, RESUME_IGNORED, check_resume_config, resume_changes
+
+    old = build_config("r50_224", overrides={"bank.path": ""} if key != "bank.path" else {})
+    extra = {"data.cutmix": {"bank.path": ""}, "loss.mode": {"bank.path": ""}}.get(key, {})
+    new = old.replace({key: _changed_value(old, key), **extra})
+    accepted, refused = resume_changes(old, new)
+    if key in RESUME_IGNORED:
+        assert accepted == refused == []
+        return
+    changed = accepted + refused
+    assert [c.key for c in changed] == [key]
+    if key in RESUME_ACCEPTED:
+        assert accepted and check_resume_config(old, new) == accepted
+    else:
+        assert refused
+        with pytest.raises(ConfigError) as err:
+            check_resume_config(old, new)
+        message = str(err.value)
+        assert "\n" not in message and key in message and f"{ALLOW_CHANGED_FLAG} {key}" in message
+        assert check_resume_config(old, new, allowed=[key])[0].key == key  # allowed by name: accepted
+
+
+def test_resume_refusal_lists_old_and_new_values_of_every_refused_key():
+    from fastmeal.config import check_resume_config, format_changes, parse_allowed_changes, resume_changes
+
+    old = build_config("demo")
+    new = old.replace({"data.batch_size": "32", "runtime.seed": "1", "data.root": "/elsewhere", "data.workers": "1",
+                       "runtime.resume": "auto"})
+    accepted, refused = resume_changes(old, new)
+    assert format_changes(accepted) == "changed keys: data.workers: 2 -> 1"
+    assert format_changes(refused) == ("changed keys: data.root: 'demo_out/data' -> '/elsewhere', "
+                                       "data.batch_size: 64 -> 32, runtime.seed: 0 -> 1")
+    with pytest.raises(ConfigError, match=r"data.batch_size: 64 -> 32.*runtime.seed: 0 -> 1"):
+        check_resume_config(old, new)
+    # a section name allows every key of it; an unknown name is an error with a suggestion
+    ok = check_resume_config(old, new, allowed=parse_allowed_changes(["data", "runtime.seed"]))
+    assert [c.key for c in ok] == ["data.root", "data.batch_size", "data.workers", "runtime.seed"]
+    with pytest.raises(ConfigError, match="did you mean runtime.seed"):
+        parse_allowed_changes(["runtime.sed"])
+
+
+def test_more_epochs_are_accepted_fewer_refused():
+    from fastmeal.config import resume_changes
+
+    old = build_config("demo")
+    assert resume_changes(old, old.replace({"schedule.epochs": "50"}))[1] == []
+    assert [c.key for c in resume_changes(old, old.replace({"schedule.epochs": "30"}))[1]] == ["schedule.epochs"]
+
+
+def test_key_errors_say_what_the_user_meant(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean data.root") as err:
+        build_config("demo", overrides={"data.rooot": "/x"})
+    assert "optim.lr" not in str(err.value)  # the section's keys, not all ~50
+    with pytest.raises(ConfigError, match="data is a section, not a key"):
+        build_config("demo", overrides=parse_set_args(["data=foo"]))
+    with pytest.raises(ConfigError, match="is a folder"):
+        build_config("demo", config_file=tmp_path)
+    # a comma inside a teacher's path must not make a second teacher silently
+    with pytest.raises(ConfigError, match="looks like a weights file"):
+        build_config("demo", overrides=parse_set_args(["model.teachers=test_resnet@/w/a,b.pth"]))
+    cfg = build_config("demo", overrides=parse_set_args(['model.teachers=["test_resnet@/w/a,b.pth"]']))
+    assert cfg.model.teachers == (TeacherConfig(tag="test_resnet", weights="/w/a,b.pth"),)

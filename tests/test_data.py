@@ -451,3 +451,49 @@ def test_dali_unnamed_decoder_error_is_confirmed_with_pil(corrupt_root):
     loader._inflight.append(_Batch(0, 0, [0, 1, 2, 3]))
     assert loader._culprit("something else") is None
     assert os.path.basename(paths[truncated]) == "img_2.JPEG"
+
+
+def test_a_symlink_loop_in_a_split_is_an_error_naming_it(tmp_path):
+    """Issue #23 item 6: `ln -s .. train/c000/up` listed the whole split again under class 0, exit 0."""
+    import os
+
+    from fastmeal.data.common import DataError, find_symlink_loop, scan_split
+    from fastmeal.data.synthetic import synthesize
+
+    root = tmp_path / "d"
+    synthesize(root, num_classes=2, train_per_class=2, val_per_class=1, seed=0, size_range=(16, 20), progress=False)
+    first = sorted((root / "train").iterdir())[0]
+    assert len(scan_split(root, "train")) == 4
+    # a link to a folder elsewhere is fine
+    (tmp_path / "more").mkdir()
+    os.symlink(tmp_path / "more", first / "elsewhere")
+    assert find_symlink_loop(root / "train") is None and len(scan_split(root, "train")) == 4
+    os.symlink("..", first / "up")
+    with pytest.raises(DataError, match=rf"{first / 'up'} is a symbolic link to {root / 'train'}"):
+        scan_split(root, "train")
+    # a loop through two links (neither points to its own ancestor on disk)
+    (first / "up").unlink()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    os.symlink(tmp_path / "b", tmp_path / "a" / "to_b")
+    os.symlink(tmp_path / "a", tmp_path / "b" / "to_a")
+    os.symlink(tmp_path / "a", first / "a")
+    link, target = find_symlink_loop(root / "train")
+    assert target in (str(tmp_path / "a"), str(tmp_path / "b"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skip_corrupt_in_evaluation_drops_and_counts_the_file(tmp_path, backend, caplog):
+    """Issue #23 item 7: with data.skip_corrupt=true a corrupt val file's slot held another image, counted twice."""
+    root = _solid_dataset(tmp_path, classes=3, train=1, val=3)
+    bad = root / "val" / "n001" / "img_1.JPEG"
+    good = bad.read_bytes()
+    bad.write_bytes(good[:good.index(b"\xff\xda") + 20])  # the header reads, the data is cut
+    loader = build_loader(_cfg(root, backend, **{"data.skip_corrupt": True, "data.eval_batch_size": 4}), "val")
+    with caplog.at_level(logging.WARNING):
+        images, labels = _epoch(loader)
+    # 9 files, one unreadable: 8 evaluated, each once, each with its own label (no stand-in, no duplicate)
+    assert len(labels) == 8 and loader.num_skipped == 1
+    assert sorted(labels) == [0, 0, 0, 1, 1, 2, 2, 2]
+    assert _labels_of_images(torch.cat(images), 3).tolist() == labels
+    assert str(bad) in caplog.text and "not evaluated" in caplog.text

@@ -90,7 +90,7 @@ def test_the_demo_writes_its_report(demo, capsys):
     for name in ("accuracy.png", "loss.png", "throughput.png", "report.html", "report.md"):
         assert (report / name).stat().st_size > 0, name
     summary = (report / "report.md").read_text()
-    assert "| distilled | demo | finished (1 epochs) |" in summary and "| control |" in summary
+    assert "| distilled | demo | finished (1 epoch) |" in summary and "| control |" in summary
     assert "| loss.mode | meal_v2 | ce |" in summary
 
 

@@ -97,3 +97,23 @@ def test_a_folder_that_is_no_split_is_refused(tmp_path):
         build_index(tmp_path / "images")
     with pytest.raises(DataError, match="missing"):
         build_index(tmp_path / "train")
+
+
+def test_digest_survives_a_copy_and_a_touch_but_not_a_content_change(tmp_path):
+    """The dataset identity a bank stores: relative paths, labels, sizes, image sizes; never mtimes or the root."""
+    import shutil
+
+    from fastmeal.data.index import describe_differences, identity_table
+
+    root = _dataset(tmp_path / "a")
+    first = build_index(root / "train", progress=False)
+    copy = tmp_path / "b" / "data"  # a copy without the mtimes (cp -r), elsewhere
+    shutil.copytree(root, copy, copy_function=shutil.copyfile, ignore=shutil.ignore_patterns(".fastmeal-index"))
+    os.utime(copy / "train" / "c0" / "1.JPEG", ns=(1, 10**18))
+    copied = build_index(copy / "train", progress=False)
+    assert copied.digest == first.digest and copied.cache_digest != first.cache_digest
+    Image.new("RGB", (50, 60)).save(copy / "train" / "c0" / "1.JPEG")
+    changed = build_index(copy / "train", progress=False)
+    assert changed.digest != first.digest
+    diff = describe_differences(identity_table(first), identity_table(changed))
+    assert len(diff) == 1 and diff[0].startswith("c0/1.JPEG: size ") and diff[0].endswith("-> 50x60")

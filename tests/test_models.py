@@ -194,6 +194,7 @@ def test_hub_teacher_with_another_class_count_is_refused(monkeypatch):
         return timm.create_model(tag.split(".")[0], num_classes=num_classes or 1000)
 
     monkeypatch.setattr(factory, "create_pretrained", cached_pretrained)
+    monkeypatch.setattr(factory, "_cached_hub_file", lambda hub_id: "/cache/model.safetensors")
     cfg = _cfg(**{"model.teachers": f"{TAG}.r160_in1k"})
     with pytest.raises(WeightsError, match="predicts 1000 classes but model.num_classes=5"):
         build_teacher_models(cfg)
@@ -207,14 +208,17 @@ def test_offline_without_a_file_says_which_file_and_how(monkeypatch):
     with pytest.raises(WeightsError) as err:
         build_student(cfg)
     message = str(err.value)
-    assert "'resnet50.ram_in1k'" in message and "huggingface.co/timm/resnet50.ram_in1k" in message
+    assert "model.student = resnet50.ram_in1k" in message and "huggingface.co/timm/resnet50.ram_in1k" in message
     assert "--set model.student_weights=FILE" in message
     cfg = _cfg(**{"model.teachers": "senet154.gluon_in1k,resnet152s.gluon_in1k@/w/r152s.pth",
                   "model.num_classes": 1000})
     with pytest.raises(WeightsError) as err:
         build_teacher_models(cfg)
     message = str(err.value)
-    assert "'senet154.gluon_in1k'" in message
+    # every missing file at once (issue #23 item 10), each with where it comes from
+    assert message.startswith("2 weights file(s)") and "fastmeal weights fetch --preset" in message
+    assert "model.teachers[0] = senet154.gluon_in1k: https://huggingface.co/timm/senet154.gluon_in1k" in message
+    assert "model.teachers[1] = resnet152s.gluon_in1k: the local file /w/r152s.pth" in message
     assert "--set model.teachers=senet154.gluon_in1k@FILE0,resnet152s.gluon_in1k@/w/r152s.pth" in message
     assert time.perf_counter() - start < 10  # no minute of download retries
 

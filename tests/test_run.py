@@ -82,3 +82,34 @@ def test_the_disk_a_run_needs_is_said_at_start_up(data, tmp_path, caplog):
     assert main(_args(data, tmp_path / "run")) == 0
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("run dir "))
     assert "GiB free" in line and "checkpoints of" in line
+
+
+def test_a_resume_refuses_a_changed_computation_unless_allowed_and_keeps_the_original_config(data, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(_args(data, run_dir, "schedule.epochs=1", "runtime.seed=1")) == 0
+    original = (run_dir / "config.json").read_text()
+    capsys.readouterr()
+    changed = _args(data, run_dir, "schedule.epochs=2", "runtime.seed=2", "logging.interval=2")
+    assert main([*changed, "--resume", "auto"]) == 2  # the seed changes what the run computes
+    err = capsys.readouterr().err
+    assert "runtime.seed: 1 -> 2" in err and "--allow-changed" in err and "schedule.epochs" not in err
+    assert main([*changed, "--resume", "auto", "--allow-changed", "runtime.seed"]) == 0
+    assert json.loads(capsys.readouterr().out)["global_step"] == 6
+    assert (run_dir / "config.json").read_text() == original  # the run's history: its first config
+    from fastmeal.metrics import read_jsonl
+
+    recorded = {r["key"]: (r["old"], r["new"], r["global_step"]) for r in read_jsonl(run_dir / "metrics.jsonl",
+                                                                                   "config_change")}
+    assert recorded == {"runtime.seed": (1, 2, 3), "schedule.epochs": (1, 2, 3), "logging.interval": (1, 2, 3)}
+
+
+def test_a_batch_size_change_waits_for_an_epoch_boundary(data, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    settings = ("runtime.checkpoint_every_steps=1", "runtime.max_steps_per_epoch=2", "schedule.epochs=1")
+    assert main(_args(data, run_dir, *settings)) == 0
+    capsys.readouterr()
+    mid_epoch = run_dir / "checkpoints" / "ckpt-000000001.pt"  # epoch 0, step 1
+    args = [*_args(data, run_dir, *settings, "data.batch_size=2"), "--resume", str(mid_epoch),
+            "--allow-changed", "data.batch_size"]
+    assert main(args) == 2
+    assert "can only take effect at an epoch's start" in capsys.readouterr().err

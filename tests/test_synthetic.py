@@ -1,12 +1,14 @@
 """The synthetic dataset: determinism, ImageFolder layout, ImageNet's odd files, and learnability."""
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from fastmeal.data.common import DataError
 from fastmeal.data.synthetic import (
     MARKER_FILE,
     NUM_TRAIN_ODDITIES,
@@ -139,16 +141,49 @@ def test_oddities_are_what_they_claim_and_show_their_class_image(odd_dataset):
             assert (img.format, img.mode) == ("JPEG", "RGB") and "progressive" not in img.info
 
 
-def test_rewrites_its_own_output_and_refuses_foreign_folders(tmp_path):
+def test_rewrites_its_own_output_with_force_and_refuses_foreign_folders(tmp_path):
     synthesize(tmp_path / "a", num_classes=4, train_per_class=2, val_per_class=1, seed=0, progress=False)
-    summary = synthesize(tmp_path / "a", seed=0, **SMALL)  # fewer classes: stale folders must go
+    summary = synthesize(tmp_path / "a", seed=0, force=True, **SMALL)  # fewer classes: stale folders must go
     assert sorted(p.name for p in (tmp_path / "a" / "train").iterdir()) == summary["classes"]
-    assert (tmp_path / "a" / MARKER_FILE).exists()
+    assert json.loads((tmp_path / "a" / MARKER_FILE).read_text())["complete"] is True
     (tmp_path / "b" / "train" / "mine").mkdir(parents=True)
     (tmp_path / "b" / "train" / "mine" / "x.JPEG").write_bytes(b"not ours")
-    with pytest.raises(FileExistsError):
-        synthesize(tmp_path / "b", seed=0, **SMALL)
-    assert (tmp_path / "b" / "train" / "mine" / "x.JPEG").exists()
+    for force in (False, True):
+        with pytest.raises(DataError):
+            synthesize(tmp_path / "b", seed=0, force=force, **SMALL)
+    assert (tmp_path / "b" / "train" / "mine" / "x.JPEG").read_bytes() == b"not ours"
+
+
+def test_synth_over_a_bigger_synthetic_set_deletes_nothing_without_force(tmp_path):
+    """Issue #23 item 5: `data synth d10 --classes 2` over a 10-class set silently removed 8 class folders."""
+    root = tmp_path / "d10"
+    synthesize(root, num_classes=10, train_per_class=1, val_per_class=1, seed=0, progress=False)
+    before = sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
+    with pytest.raises(DataError, match="not empty.*--force"):
+        synthesize(root, num_classes=2, train_per_class=1, val_per_class=1, seed=0, progress=False)
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == before
+    # With --force only the files it wrote go: a file the user added to a class folder stays, with its folder.
+    last = root / "train" / class_specs(10)[9].name
+    (last / "mine.JPEG").write_bytes(b"user data")
+    (root / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="did not write"):  # the user's file is in train/: no mixing
+        synthesize(root, num_classes=2, train_per_class=1, val_per_class=1, seed=0, progress=False, force=True)
+    assert (last / "mine.JPEG").read_bytes() == b"user data"
+    (last / "mine.JPEG").unlink()
+    synthesize(root, num_classes=2, train_per_class=1, val_per_class=1, seed=0, progress=False, force=True)
+    assert (root / "notes.txt").read_text() == "keep me"
+    assert len(list((root / "train").iterdir())) == 2
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"num_classes": 0}, "--classes 0"), ({"train_per_class": -1}, "--train-per-class -1"),
+    ({"size_range": (500, 10)}, "--size-range 500 10"),
+])
+def test_bad_synth_arguments_name_the_option(tmp_path, kwargs, needle):
+    args = {"num_classes": 2, "train_per_class": 1, "val_per_class": 1, "seed": 0, "progress": False, **kwargs}
+    with pytest.raises(DataError, match=needle):
+        synthesize(tmp_path / "x", **args)
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("num_classes", [2, 7, 100])

@@ -15,8 +15,10 @@ exists is never redone, so a killed build continues where it stopped.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -66,8 +68,10 @@ def check_bank_config(cfg: Config) -> None:
 
 
 def teacher_identity(cfg: Config, models: Sequence[torch.nn.Module]) -> list[dict[str, str]]:
-    """``[{tag, weights, sha256}]`` of the teachers, hashed from their weights as loaded (before folding)."""
-    return [{"tag": t.tag, "weights": t.weights, "sha256": store.hash_state_dict(m.state_dict())}
+    """``[{tag, weights, sha256, file_sha256}]`` of the teachers: ``sha256`` hashes their weights as loaded
+    (before folding), ``file_sha256`` the bytes of a local weights file ("" for the hub's)."""
+    return [{"tag": t.tag, "weights": t.weights, "sha256": store.hash_state_dict(m.state_dict()),
+             "file_sha256": store.file_sha256(t.weights) if t.weights else ""}
             for t, m in zip(cfg.model.teachers, models, strict=True)]
 
 
@@ -146,6 +150,66 @@ def build_bank(cfg: Config, out: str | Path, *, epochs: range | None = None, top
     if dist is None:
         check_global_batches(cfg.data, world_size_from_env())
         dist = init_distributed(cfg.runtime.device)
+    out = Path(out)
+    # Before any work: a second build of the same epochs is refused at once (other epochs may build alongside).
+    locks = _claim_epochs(out, epochs) if dist.is_main else None
+    try:
+        return _build(cfg, out, epochs, dist, top_k, chunk_records, progress, loader, teachers, teacher_info)
+    finally:
+        if locks is not None:
+            os.close(locks)  # releases every epoch's lock
+
+
+BUILD_LOCK = ".build.lock"
+
+
+def _claim_epochs(out: Path, epochs: range) -> int | None:
+    """Lock ``epochs`` of the bank at ``out`` for this build; refuse a training run dir.
+
+    One POSIX byte-range lock per epoch (byte ``e`` of ``BANK/.build.lock``): builds of disjoint
+    ``--epochs`` ranges run side by side (the documented way to split a build over jobs); a build of an
+    epoch another process is building is refused. The kernel drops the locks when the process ends.
+
+    Returns:
+        The lock file's descriptor (closing it releases the locks), or None where the file system has no locks.
+    """
+    import fcntl
+
+    from fastmeal.rundir import LOCK_NAME, RUN_FILES
+
+    run_files = [name for name in (*RUN_FILES, "checkpoints", LOCK_NAME) if (out / name).exists()]
+    if run_files:
+        raise store.BankError(f"{out} is a training run dir (it holds {', '.join(run_files)}): build the bank into "
+                              "a folder of its own, e.g. --out banks/NAME")
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / BUILD_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    busy = []
+    try:
+        for epoch in epochs:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, epoch)
+            except OSError as err:
+                if err.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
+                busy.append(epoch)
+    except OSError as err:
+        os.close(fd)
+        if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            log.warning("cannot lock %s (%s): nothing stops two builds of the same epochs", out / BUILD_LOCK, err)
+            return None
+        raise
+    if busy:
+        os.close(fd)
+        raise store.BankError(f"epoch(s) {store.format_ranges(busy)} of the bank {out} are being built by another "
+                              "process: two builds of the same epochs would do the same work twice. Wait for it to "
+                              "end, or build other epochs (--epochs A:B)")
+    return fd
+
+
+def _build(cfg: Config, out: Path, epochs: range, dist: DistInfo, top_k: int, chunk_records: int, progress: bool,
+           loader: Any, teachers: Callable[[Tensor], Tensor] | None,
+           teacher_info: list[dict[str, str]] | None) -> dict[str, Any]:
+    """:func:`build_bank` once the bank folder is claimed."""
     if loader is None:
         from fastmeal.data import build_loader
 
@@ -164,12 +228,11 @@ def build_bank(cfg: Config, out: str | Path, *, epochs: range | None = None, top
                               f"{cfg.model.num_classes}")
     manifest = store.make_manifest(teachers=teacher_info, top_k=top_k, **run_identity(cfg, loader.index),
                                    extra={"backend": loader.backend, "teacher_dtype": cfg.teacher_engine.dtype})
-    out = Path(out)
     if dist.is_main:
-        manifest = store.open_or_create(out, manifest)
+        manifest = store.open_or_create(out, manifest, loader.index)
     barrier()
     if not dist.is_main:
-        manifest = store.open_or_create(out, manifest)  # exists now: checks this rank agrees
+        manifest = store.open_or_create(out, manifest, loader.index)  # exists now: checks this rank agrees
 
     batch = loader.batch_size
     steps_per_chunk = max(1, math.ceil(chunk_records / batch))
@@ -190,6 +253,12 @@ def build_bank(cfg: Config, out: str | Path, *, epochs: range | None = None, top
     todo_crops = sum(layout.chunk_span(dist.rank, c)[1] for epoch, _, layout in plans
                      for c in range(layout.chunks_per_rank)
                      if not store.chunk_file(out, epoch, layout.world_size, dist.rank, c).exists())
+    complete = [e for e in epochs if e not in {p[0] for p in plans}]
+    partial = sum(1 for epoch, _, _ in plans for _ in existing.get(epoch, []))
+    if dist.is_main and (complete or partial):
+        log.info("continuing the bank %s: epochs %s already complete%s; building %s", out,
+                 store.format_ranges(complete) or "none", f", {partial} chunk(s) of the others done" if partial else "",
+                 store.format_ranges([p[0] for p in plans]) or "nothing")
     bar = tqdm(total=todo_crops, unit="crop", unit_scale=True, desc="bank build", dynamic_ncols=True,
                disable=not (dist.is_main and progress_enabled(progress)))
     start = time.perf_counter()
@@ -212,8 +281,8 @@ def build_bank(cfg: Config, out: str | Path, *, epochs: range | None = None, top
     if dist.is_main:
         store.update_manifest(out, summary=summary)
         log.info("bank %s: epochs %s complete; captured mass %.4f, KL(p_full || p_decoded) %.5f nats; "
-                 "%.1f MB per epoch", out, summary["epochs"], summary["captured_mass"], summary["kl"],
-                 summary["bytes_per_epoch"] / 1e6)
+                 "%.1f MB per epoch", out, store.format_ranges(summary["epochs"]), summary["captured_mass"],
+                 summary["kl"], summary["bytes_per_epoch"] / 1e6)
     return {"out": str(out), "epochs_built": [e for e, _, _ in plans], "crops_computed": computed,
             "seconds": seconds, "crops_per_s": computed / seconds if seconds > 0 and computed else float("nan"),
             "world_size": dist.world_size, **summary}

@@ -72,19 +72,65 @@ class BankLoader:
 def open_bank(cfg: Config, loader: Any) -> store.BankReader:
     """The bank ``bank.path`` checked against the run: dataset, seed, image size, plan, teachers, epochs.
 
+    The dataset must be the bank's file for file (relative paths, labels, file and image sizes: a copy
+    of it anywhere matches); the teachers must be the bank's tags, and a teacher named with a local
+    weights file must be the file the bank was built from (SHA-256), so that the run's config names no
+    weights the bank never used.
+
     Raises:
-        BankError: naming every field that differs, or the missing epochs, or the damaged file.
+        BankError: naming every field that differs, the first files that differ, the teacher file that
+            differs, the missing epochs, or the damaged file.
     """
     check_bank_config(cfg)
-    reader = store.BankReader(cfg.bank.path, expect=run_identity(cfg, loader.index),
-                              epochs=range(cfg.schedule.epochs))
+    manifest = store.read_manifest(cfg.bank.path)
+    store.check_dataset(cfg.bank.path, manifest, loader.index, f"data.root={cfg.data.root!r}")
+    # The dataset matched (possibly by the mtime-including digest of an older bank): compare the rest.
+    expect = {**run_identity(cfg, loader.index), "dataset_digest": manifest["dataset_digest"]}
+    reader = store.BankReader(cfg.bank.path, expect=expect, epochs=range(cfg.schedule.epochs))
     have = [t["tag"] for t in reader.manifest["teachers"]]
     want = [t.tag for t in cfg.model.teachers]
     if have != want:
         raise store.BankError(f"the bank {cfg.bank.path} was built from teachers {have} but model.teachers names {want}"
                               "; build a bank for these teachers or set model.teachers to the bank's")
+    for i, (built, teacher) in enumerate(zip(reader.manifest["teachers"], cfg.model.teachers, strict=True)):
+        _check_teacher_weights(cfg, i, built, teacher)
     log.info("bank %s: epochs %s, top-%d, teachers %s (captured mass %.4f, KL %.5f)", cfg.bank.path,
              store.format_ranges(reader.epochs), reader.top_k, ", ".join(have),
              reader.manifest.get("summary", {}).get("captured_mass", float("nan")),
              reader.manifest.get("summary", {}).get("kl", float("nan")))
     return reader
+
+
+def _check_teacher_weights(cfg: Config, i: int, built: dict[str, str], teacher: Any) -> None:
+    """Refuse teacher ``i`` of the run when its weights are not those the bank was built from.
+
+    A run naming a local file is compared by the file's SHA-256 (a bank built before those were stored:
+    by the weights as loaded, which needs the model built once on the CPU). A run naming the hub's
+    weights of the tag matches a bank built from the hub's; a bank built from a file needs that file
+    named (the hub's weights are not loaded to compare: a bank run needs no teacher weights at all).
+    """
+    key = f"model.teachers[{i}]"
+    bank_file = built.get("weights") or ""
+    if not teacher.weights:
+        if bank_file:
+            raise store.BankError(f"the bank {cfg.bank.path} was built with {key} = {built['tag']}@{bank_file} "
+                                  f"(SHA-256 {built.get('file_sha256') or built['sha256']}), but this run names "
+                                  f"the hub's weights of {teacher.tag}; name the same file: {teacher.tag}@FILE")
+        return
+    try:
+        digest = store.file_sha256(teacher.weights)
+    except OSError as err:
+        raise store.BankError(f"{key} weights file {teacher.weights} cannot be read ({err.strerror})") from err
+    if built.get("file_sha256"):
+        same, what = digest == built["file_sha256"], f"file SHA-256 {digest}, the bank's {built['file_sha256']}"
+    else:
+        from fastmeal.models.factory import create_model, load_weights
+
+        model = load_weights(create_model(teacher.tag, num_classes=cfg.model.num_classes, what=key),
+                             teacher.weights, what=key)
+        loaded = store.hash_state_dict(model.state_dict())
+        same, what = loaded == built["sha256"], f"weights SHA-256 {loaded}, the bank's {built['sha256']}"
+    if not same:
+        raise store.BankError(f"{key} = {teacher.tag}@{teacher.weights} is not the teacher the bank {cfg.bank.path} "
+                              f"was built from ({bank_file or 'the hub weights of ' + built['tag']}): {what}. Name "
+                              "the bank's teacher files, or build a bank for these teachers")

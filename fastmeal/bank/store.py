@@ -5,6 +5,9 @@ Layout of a bank folder ``BANK``::
     BANK/manifest.json          what the bank is (teachers + weight hashes, dataset index digest, seed,
                                 image size, crop-plan version, K, record layout); written once, atomically;
                                 each build adds its summary (captured mass, KL) to it
+    BANK/dataset.npz            the dataset's per-file identity (relative path, label, file size, image
+                                size: :func:`fastmeal.data.index.identity_table`), so that a refusal names
+                                the files that differ; nothing a copy changes (mtimes, the data's path)
     BANK/epoch_0000.bin         the records of epoch 0, ...
     BANK/chunks/e0000-w2-r1-c0003.json
                                 one small file per finished chunk: where it lies and its CRC-32 (the
@@ -48,6 +51,7 @@ VERSION = 1
 #: Records per alignment unit: 512 records of 24 bytes are 3 pages of 4 KiB (lcm(24, 4096) = 12288).
 ALIGN_RECORDS = 512
 MANIFEST = "manifest.json"
+DATASET_TABLE = "dataset.npz"
 CHUNK_DIR = "chunks"
 _CHUNK_NAME = re.compile(r"^e(\d+)-w(\d+)-r(\d+)-c(\d+)\.json$")
 #: Fields of the manifest that must match between the bank and a run (or between two builds into one folder).
@@ -119,6 +123,57 @@ def hash_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (a teacher's weights file), read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_dataset_table(root: str | os.PathLike, table: Mapping[str, np.ndarray]) -> None:
+    """Store the dataset's per-file identity in the bank (once; atomically)."""
+    import io
+
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **table)
+    atomic_write_bytes(Path(root) / DATASET_TABLE, buffer.getvalue())
+
+
+def check_dataset(root: str | os.PathLike, manifest: Mapping[str, Any], index: Any, where: str) -> None:
+    """Refuse a dataset other than the bank's, naming the first files that differ and what differs.
+
+    ``index`` (a :class:`~fastmeal.data.index.DatasetIndex`) matches when its copy-proof digest equals the
+    bank's, or its mtime-including ``cache_digest`` does (a bank built before the identity left mtimes out,
+    over the very same files).
+
+    Raises:
+        BankError: the bank's dataset and ``where`` (the data's path) differ.
+    """
+    from fastmeal.data.index import describe_differences, identity_table
+
+    have = manifest.get("dataset_digest")
+    if have in (index.digest, index.cache_digest):
+        return
+    root = Path(root)
+    size = f"the bank has {manifest.get('dataset_size')} images, {where} has {len(index)}"
+    try:
+        with np.load(root / DATASET_TABLE, allow_pickle=False) as f:
+            stored = {k: f[k] for k in f.files}
+    except FileNotFoundError:
+        raise BankError(f"the bank {root} was built from another dataset than {where} ({size}); it has no "
+                        f"{DATASET_TABLE} (built by an older fastmeal, whose dataset identity included file "
+                        "modification times, so a copy made without them cannot be matched): use the data it was "
+                        "built from, or rebuild the bank") from None
+    except (OSError, ValueError, KeyError) as err:
+        raise BankError(f"{root / DATASET_TABLE} cannot be read ({err}); the bank is damaged: rebuild it") from err
+    differences = describe_differences(stored, identity_table(index))
+    raise BankError(f"the bank {root} was built from another dataset than {where} ({size}); first differences: "
+                    + "; ".join(differences or ["none per file (the files are listed in another order?)"])
+                    + ". Use the data the bank was built from, or build a bank for this data")
+
+
 def make_manifest(*, teachers: Iterable[Mapping[str, str]], dataset_digest: str, dataset_size: int,
                   num_classes: int, seed: int, image_size: int, plan_version: int, top_k: int,
                   extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -169,21 +224,37 @@ def mismatches(have: Mapping[str, Any], want: Mapping[str, Any],
     """``"field: bank has X, the run has Y"`` for every identity field that differs."""
     out = []
     for name in fields:
-        if name in want and have.get(name) != want[name]:
-            out.append(f"{name}: the bank has {have.get(name)!r}, this run has {want[name]!r}")
+        if name in want and _identity(name, have.get(name)) != _identity(name, want[name]):
+            out.append(f"{name}: the bank has {_identity(name, have.get(name))!r}, this run has "
+                       f"{_identity(name, want[name])!r}")
     return out
 
 
-def open_or_create(root: str | os.PathLike, manifest: Mapping[str, Any]) -> dict[str, Any]:
+def _identity(name: str, value: Any) -> Any:
+    """What of a manifest field identifies the bank: a teacher is its tag and its weights as loaded (sha256);
+    where its file lies, or whether the file's own hash was recorded (older banks), is not part of it."""
+    if name == "teachers" and isinstance(value, list):
+        return [(t.get("tag"), t.get("sha256")) for t in value]
+    return value
+
+
+def open_or_create(root: str | os.PathLike, manifest: Mapping[str, Any], index: Any = None) -> dict[str, Any]:
     """The manifest of the bank at ``root``, created from ``manifest`` if there is none yet.
 
+    Args:
+        index: the dataset's :class:`~fastmeal.data.index.DatasetIndex`: a new bank stores its per-file
+            identity; an existing one is checked against it (:func:`check_dataset`).
+
     Raises:
-        BankError: a bank already there was built for something else (names each field).
+        BankError: a bank already there was built for something else (names each field, or the files).
     """
     root = Path(root)
     path = root / MANIFEST
     if path.exists():
         have = read_manifest(root)
+        if index is not None:
+            check_dataset(root, have, index, f"the data {Path(index.root).parent}")
+            manifest = {**manifest, "dataset_digest": have["dataset_digest"]}
         bad = mismatches(have, manifest)
         if bad:
             raise BankError(f"{root} already holds a bank of another run, which this build would mix with: "
@@ -191,6 +262,10 @@ def open_or_create(root: str | os.PathLike, manifest: Mapping[str, Any]) -> dict
         return have
     root.mkdir(parents=True, exist_ok=True)
     (root / CHUNK_DIR).mkdir(exist_ok=True)
+    if index is not None:
+        from fastmeal.data.index import identity_table
+
+        write_dataset_table(root, identity_table(index))  # before the manifest: a bank with one always has both
     _write_json(path, manifest)
     return dict(manifest)
 

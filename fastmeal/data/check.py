@@ -38,6 +38,7 @@ IMAGE_FORMATS = {
 PROBLEM_KINDS = (
     "missing_root",
     "missing_split",
+    "symlink_loop",
     "stray_file",
     "empty_class",
     "class_mismatch",
@@ -137,6 +138,21 @@ def _inspect_file(path: str) -> tuple[str | None, str, str | None, str | None, b
     return None, "", fmt, mode, progressive
 
 
+def _loop_link(split_dir: Path, dirpath: str, name: str, report: DatasetReport) -> bool:
+    """Whether folder ``name`` in ``dirpath`` is a link back into a folder it is reached through (reported)."""
+    path = os.path.join(dirpath, name)
+    if not os.path.islink(path):
+        return False
+    real = os.path.realpath(path)
+    parts = Path(dirpath).relative_to(split_dir).parts
+    ancestors = {os.path.realpath(split_dir.joinpath(*parts[:k])) for k in range(len(parts) + 1)}
+    if real not in ancestors:
+        return False
+    report.problems.append(Problem(path, "symlink_loop", f"a link to {real}, a folder it is inside of: the loaders "
+                                   "refuse the split (they would list its images again and again); remove the link"))
+    return True
+
+
 def _list_split(root: Path, split: str, report: DatasetReport) -> list[tuple[str, str]]:
     """Count a split's classes and return its image files as ``(class, path)``; record layout problems."""
     split_dir = root / split
@@ -154,7 +170,7 @@ def _list_split(root: Path, split: str, report: DatasetReport) -> list[tuple[str
         class_files = []
         # Recursive like torchvision's ImageFolder (os.walk with followlinks=True).
         for dirpath, dirnames, filenames in os.walk(entry, followlinks=True):
-            dirnames.sort()
+            dirnames[:] = sorted(d for d in dirnames if not _loop_link(split_dir, dirpath, d, report))
             for name in sorted(filenames):
                 path = os.path.join(dirpath, name)
                 if os.path.splitext(name)[1].lower() in IMAGE_FORMATS:

@@ -99,6 +99,11 @@ def scan_split(data_root: str | os.PathLike, split: str) -> Split:
         classes, class_to_idx = find_classes(split_dir)
     except FileNotFoundError as err:  # "Couldn't find any class folder in ..."
         raise DataError(f"{split_dir} is empty: no class folders in it ({err})") from err
+    loop = find_symlink_loop(split_dir)
+    if loop is not None:
+        raise DataError(f"{loop[0]} is a symbolic link to {loop[1]}, a folder it is inside of: ImageFolder follows "
+                        "links, so every image above it would be listed again (and under this class) without end. "
+                        "Remove the link (or replace it by the folder it should point to)")
     samples = make_dataset(split_dir, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
     counts = {c: 0 for c in classes}
     for _, label in samples:
@@ -109,6 +114,34 @@ def scan_split(data_root: str | os.PathLike, split: str) -> Split:
         raise DataError(f"{len(empty)} class folder(s) of {split_dir} hold no image "
                         f"(extensions {', '.join(IMG_EXTENSIONS)}): {shown}")
     return Split(root=str(split_dir), classes=tuple(classes), samples=tuple(samples))
+
+
+def find_symlink_loop(root: str | os.PathLike) -> tuple[str, str] | None:
+    """The first folder link under ``root`` that leads back into a folder it is reached through, or None.
+
+    ImageFolder (``os.walk(followlinks=True)``) follows folder links without noticing a loop: a link
+    ``train/c000/up -> ..`` lists the whole split again under class 0, to the depth the OS allows.
+    A loop is refused rather than skipped: a dataset never needs one, and a skipped link would leave
+    the user's data silently different from what they laid out. Links to other folders are fine.
+
+    Returns:
+        ``(link path, its resolved target)``.
+    """
+    stack = [(os.fspath(root), frozenset({os.path.realpath(root)}))]
+    while stack:
+        folder, ancestors = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue  # unreadable: make_dataset reports what it cannot list
+        for entry in entries:
+            if not entry.is_dir(follow_symlinks=True):
+                continue
+            real = os.path.realpath(entry.path)
+            if entry.is_symlink() and real in ancestors:
+                return entry.path, real
+            stack.append((entry.path, ancestors | {real}))
+    return None
 
 
 def images_dtype(cfg: Config, device: torch.device) -> torch.dtype:

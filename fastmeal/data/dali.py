@@ -42,7 +42,8 @@ at any step (``set_epoch(epoch, start_step)``) without reading the files of the 
 Corrupt files: the error names the file (DALI's message when it does, else the in-flight batch's file
 at the failing sample index, confirmed with PIL) as :class:`~fastmeal.data.common.CorruptImageError`.
 With ``data.skip_corrupt=true`` the file's slot goes to the next decodable file in dataset order (the
-torchvision backend's rule), now and in later epochs; the pipeline, which DALI invalidates on an error,
+torchvision backend's rule), now and in later epochs (in evaluation that slot is then dropped, so the file
+is not counted and no image is counted twice); the pipeline, which DALI invalidates on an error,
 is rebuilt and the in-flight batches are fed again. The epoch keeps its sample count and every rank its
 batch count (no DDP hang).
 """
@@ -219,6 +220,12 @@ class DaliLoader(LoaderBase):
             batch, images = self._run()
             assert (batch.epoch, batch.index) == (epoch, index), "DALI delivered batches out of plan"
             labels = torch.tensor([self.labels[self.substitutes.get(i, i)] for i in batch.samples], dtype=torch.int64)
+            if not self.train and any(i in self.substitutes for i in batch.samples):
+                # evaluation: a corrupt file's slot (holding a stand-in) is dropped, not counted
+                keep = [k for k, i in enumerate(batch.samples) if i not in self.substitutes]
+                if not keep:
+                    continue
+                images, labels = images[keep], labels[keep]
             yield images, labels.to(self.device, non_blocking=True)
 
     # -- planning: which paths (and crop windows) the external source feeds --------------------
@@ -341,8 +348,9 @@ class DaliLoader(LoaderBase):
         self._bad.add(path)
         self.substitutes[culprit] = next_decodable(self.paths, culprit + 1, self._bad)
         self._skipped.add(path)
-        log.warning("skipped corrupt image %s (data.skip_corrupt=true; %d skipped so far); its slot holds %s",
-                    path, len(self._skipped), self.paths[self.substitutes[culprit]])
+        log.warning("skipped corrupt image %s (data.skip_corrupt=true; %d skipped so far); %s", path,
+                    len(self._skipped), f"its slot holds {self.paths[self.substitutes[culprit]]}" if self.train
+                    else "not evaluated: the val total is smaller by the skipped files")
         self._build()  # fed the in-flight batches again, with the substitute in the bad file's slot
 
     def _culprit(self, message: str) -> int | None:

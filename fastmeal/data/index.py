@@ -10,8 +10,10 @@ split (``<data.root>/.fastmeal-index/<split>.npz``) when that folder is writable
 (``$XDG_CACHE_HOME/fastmeal/index``, ``~/.cache`` by default). The cache is keyed by the file list, each
 file's size and modification time: a dataset that changed is indexed again, and the log says so.
 
-``digest`` hashes what identifies the dataset's content as the plan sees it (relative paths, labels,
-sizes, mtimes, image sizes); the soft-label bank stores it and refuses another dataset. A file whose
+``digest`` hashes what identifies the dataset's content as the plan sees it: relative paths, labels, file
+sizes and image sizes, and nothing that a copy changes (modification times, the folder's own path), so
+a ``cp -r`` to node-local disk keeps it. The soft-label bank stores it (and the per-file table,
+:func:`identity_table`) and refuses another dataset, naming the first files that differ. A file whose
 header cannot be read gets size 0 x 0: the loaders treat it as corrupt without decoding it
 (``data.skip_corrupt``).
 """
@@ -24,6 +26,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -37,7 +40,8 @@ from fastmeal.console import progress_enabled
 from fastmeal.data.common import SPLITS, DataError, Split, scan_split
 from fastmeal.lifecycle import raise_if_stopped
 
-__all__ = ["INDEX_FORMAT", "DatasetIndex", "build_index", "read_image_sizes"]
+__all__ = ["INDEX_FORMAT", "DatasetIndex", "build_index", "describe_differences", "identity_digest", "identity_table",
+           "read_image_sizes"]
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +57,9 @@ class DatasetIndex:
     Attributes:
         root: the split folder; ``classes``: class folder names (label ``i`` is ``classes[i]``);
         paths: absolute file paths; ``labels``: int64; ``heights``, ``widths``: int32 pixels from the
-            header (0 where it could not be read); ``digest``: hex SHA-256 of the content key.
+            header (0 where it could not be read); ``sizes``: int64 file sizes in bytes; ``digest``: hex
+            SHA-256 of the dataset's identity (module docstring); ``cache_digest``: the same with each
+            file's modification time (what an index built before the identity left out mtimes stored).
     """
 
     root: str
@@ -62,7 +68,9 @@ class DatasetIndex:
     labels: np.ndarray
     heights: np.ndarray
     widths: np.ndarray
+    sizes: np.ndarray
     digest: str
+    cache_digest: str
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -146,6 +154,74 @@ def _digest(key: str, heights: np.ndarray, widths: np.ndarray) -> str:
     h.update(np.ascontiguousarray(heights, dtype="<i4").tobytes())
     h.update(np.ascontiguousarray(widths, dtype="<i4").tobytes())
     return h.hexdigest()
+
+
+def identity_table(index: DatasetIndex) -> dict[str, np.ndarray]:
+    """The per-file identity of ``index`` as arrays (what a bank stores to name the files that differ).
+
+    Returns:
+        ``paths`` (one ``\n``-joined UTF-8 string of the paths relative to the split folder, as uint8),
+        ``labels`` [N] int64, ``sizes`` [N] int64 bytes, ``heights``/``widths`` [N] int32 pixels.
+    """
+    return _table(index.root, index.paths, index.labels, index.sizes, index.heights, index.widths)
+
+
+def _table(root: str, paths: Sequence[str], labels: np.ndarray, sizes: np.ndarray, heights: np.ndarray,
+           widths: np.ndarray) -> dict[str, np.ndarray]:
+    # String slicing, not Path.relative_to: ~15x faster (ImageNet's 1.28M paths: ~18 s with Path on 2 CPUs).
+    prefix = os.path.join(str(root), "")
+    if not all(p.startswith(prefix) for p in paths):
+        raise ValueError(f"every path must lie under {root}")
+    names = "\n".join(p[len(prefix):] for p in paths)
+    if os.sep != "/":
+        names = names.replace(os.sep, "/")
+    return {"paths": np.frombuffer(names.encode(), dtype=np.uint8), "labels": labels.astype(np.int64),
+            "sizes": sizes.astype(np.int64), "heights": heights.astype(np.int32), "widths": widths.astype(np.int32)}
+
+
+def identity_digest(table: dict[str, np.ndarray]) -> str:
+    """SHA-256 of an :func:`identity_table`: relative paths, labels, file sizes, image sizes (no mtimes)."""
+    h = hashlib.sha256(b"fastmeal-dataset-identity 1\n")
+    for name in ("paths", "labels", "sizes", "heights", "widths"):
+        array = np.ascontiguousarray(table[name])
+        h.update(f"{name} {array.dtype.str} {array.size}\n".encode())
+        h.update(array.astype(array.dtype.newbyteorder("<")).tobytes())
+    return h.hexdigest()
+
+
+def describe_differences(have: dict[str, np.ndarray], want: dict[str, np.ndarray], limit: int = 3) -> list[str]:
+    """The first files in which two identity tables differ, each with what differs.
+
+    Args:
+        have: the stored table (e.g. the bank's), ``want``: this run's; both from :func:`identity_table`.
+        limit: at most this many files are named.
+
+    Returns:
+        ``["c000/a.JPEG: size 1200 -> 1300 bytes", "c001/b.JPEG: only in this dataset", ...]``.
+    """
+    fields = ("labels", "sizes", "heights", "widths")
+    old_names, new_names = (bytes(t["paths"]).decode().split("\n") if len(t["paths"]) else [] for t in (have, want))
+    if old_names == new_names:  # the usual case (files changed in place): compare the columns at once
+        rows = np.flatnonzero(np.any([np.asarray(have[f]) != np.asarray(want[f]) for f in fields], axis=0))
+        old = {old_names[i]: tuple(int(have[f][i]) for f in fields) for i in rows[:limit]}
+        new = {new_names[i]: tuple(int(want[f][i]) for f in fields) for i in rows[:limit]}
+    else:
+        old, new = ({n: r for n, r in zip(names, zip(*(t[f].tolist() for f in fields), strict=True), strict=True)}
+                    for names, t in ((old_names, have), (new_names, want)))
+    out = []
+    for name in sorted(old.keys() | new.keys()):
+        if name not in new:
+            out.append(f"{name}: missing here (the stored dataset has it)")
+        elif name not in old:
+            out.append(f"{name}: only in this dataset")
+        elif old[name] != new[name]:
+            (la, sa, ha, wa), (lb, sb, hb, wb) = old[name], new[name]
+            what = ([f"label {la} -> {lb}"] if la != lb else []) + ([f"size {sa} -> {sb} bytes"] if sa != sb else [])
+            what += [f"image {wa}x{ha} -> {wb}x{hb}"] if (ha, wa) != (hb, wb) else []
+            out.append(f"{name}: {', '.join(what)}")
+        if len(out) == limit:
+            break
+    return out
 
 
 def _writable_dir(path: Path) -> bool:
@@ -237,9 +313,10 @@ def build_index(split: Split | str | os.PathLike, *, workers: int = 0, cache_dir
         log.info("indexed %d files of %s in %.1f s (%.1f s per 10k files); cached at %s", len(paths), split.root,
                  seconds, 1e4 * seconds / max(len(paths), 1), where)
         _save(where, format=INDEX_FORMAT, key=key, heights=heights, widths=widths)
-    index = DatasetIndex(root=split.root, classes=split.classes, paths=tuple(paths),
-                         labels=np.array(split.labels, dtype=np.int64), heights=heights.astype(np.int32),
-                         widths=widths.astype(np.int32), digest=_digest(key, heights, widths))
+    table = _table(split.root, paths, np.array(split.labels, dtype=np.int64), stats[:, 0], heights, widths)
+    index = DatasetIndex(root=split.root, classes=split.classes, paths=tuple(paths), labels=table["labels"],
+                         heights=table["heights"], widths=table["widths"], sizes=table["sizes"],
+                         digest=identity_digest(table), cache_digest=_digest(key, heights, widths))
     bad = index.unreadable
     if len(bad):
         shown = ", ".join(index.paths[i] for i in bad[:3]) + (" ..." if len(bad) > 3 else "")

@@ -21,9 +21,9 @@ JPEGs, progressive JPEGs, and one PNG saved under a ``.JPEG`` name), each still 
 from __future__ import annotations
 
 import colorsys
+import contextlib
 import json
 import math
-import shutil
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_all_start_methods, get_context
@@ -33,7 +33,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from fastmeal.checkpoint import atomic_write_bytes
 from fastmeal.console import progress_enabled
+from fastmeal.data.common import DataError
 from fastmeal.lifecycle import raise_if_stopped
 
 FAMILIES = ("stripes", "checker", "dots", "rings", "blobs", "zigzag")
@@ -284,7 +286,7 @@ def _plan_oddities(num_classes: int, num_per_class: dict[str, int]) -> dict[tupl
     kinds = [kind for kind, n in NUM_TRAIN_ODDITIES.items() for _ in range(n)]
     slots = [(c, k) for k in range(num_per_class["train"]) for c in range(num_classes)]
     if len(slots) < len(kinds):
-        raise ValueError(f"oddities=True needs at least {len(kinds)} train images, got {len(slots)}")
+        raise DataError(f"--oddities needs at least {len(kinds)} train images in all, got {len(slots)}")
     step = len(slots) // len(kinds)
     for i, kind in enumerate(kinds):
         c, k = slots[i * step]
@@ -324,14 +326,62 @@ def _pool_context():
     return get_context("fork" if "fork" in get_all_start_methods() else "spawn")
 
 
-def _prepare_output(out: Path) -> None:
-    """Refuse to mix with foreign files; replace a dataset that this function wrote before."""
-    if (out / MARKER_FILE).exists():
-        for split in SPLITS:
-            shutil.rmtree(out / split, ignore_errors=True)
-        (out / MARKER_FILE).unlink()
-    elif any((out / split).exists() and any((out / split).iterdir()) for split in SPLITS):
-        raise FileExistsError(f"{out} already holds a train/ or val/ folder not written by fastmeal's synthesize")
+def _written_files(out: Path, record: dict) -> list[Path]:
+    """The files a synthesize call wrote, from its marker (class folders and counts), marker excluded."""
+    per_split = {"train": record["num_train"], "val": record["num_val"]}
+    files = []
+    for split, total in per_split.items():
+        per_class = total // max(1, record["num_classes"])
+        for name in record["classes"]:
+            files += [out / split / name / f"{name.split('_')[0]}_{k:05d}.JPEG" for k in range(per_class)]  # _file_name
+    return files
+
+
+def _own_files(out: Path) -> list[Path]:
+    """The files an earlier call wrote in ``out`` (as its marker lists them); [] without a marker."""
+    marker = out / MARKER_FILE
+    if not marker.exists():
+        return []
+    try:
+        return _written_files(out, json.loads(marker.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{marker} cannot be read ({err}): cannot tell which files of {out} data synth wrote; "
+                        "delete the folder yourself or choose another") from err
+
+
+def _write_marker(out: Path, record: dict) -> None:
+    atomic_write_bytes(out / MARKER_FILE, (json.dumps(record, indent=2) + "\n").encode())
+
+
+def _prepare_output(out: Path, force: bool) -> None:
+    """Refuse a non-empty folder unless ``force``; never delete or mix with files this function did not write.
+
+    With ``force``, a dataset an earlier call wrote here is replaced: exactly the files its marker lists
+    are deleted. Any other file under ``train/`` or ``val/`` is refused even then (a synthetic set mixed
+    into a real dataset would silently change both).
+    """
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} is a file; data synth writes a dataset folder there")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and not force:
+        raise DataError(f"{out} is not empty (it holds {', '.join(entries[:3])}{' ...' if len(entries) > 3 else ''})"
+                        "; write to a new or empty folder, or pass --force to replace a dataset `fastmeal data synth` "
+                        "wrote there (only its own files are deleted)")
+    own = _own_files(out)
+    mine = set(own)
+    for split in SPLITS:  # checked before anything is deleted
+        if not (out / split).is_dir():
+            continue
+        foreign = next((p for p in (out / split).rglob("*") if not p.is_dir() and p not in mine), None)
+        if foreign is not None:
+            raise DataError(f"{out / split} holds files data synth did not write (e.g. {foreign}); it never mixes "
+                            "a synthetic dataset into other data: choose another folder")
+    for path in own:
+        path.unlink(missing_ok=True)
+    for folder in sorted({p.parent for p in own}, reverse=True) + [out / split for split in SPLITS]:
+        with contextlib.suppress(OSError):  # only folders left empty go
+            folder.rmdir()
+    (out / MARKER_FILE).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -347,12 +397,14 @@ def synthesize(
     quality: int = 90,
     progress: bool = True,
     num_workers: int = 1,
+    force: bool = False,
 ) -> dict:
     """Write a deterministic synthetic JPEG classification dataset in ImageFolder layout.
 
     Files are ``OUT/{train,val}/c<class>_<family>/c<class>_<index>.JPEG``; folder names sort in class
-    order. A dataset previously written here by this function (recognised by ``fastmeal_synthetic.json``)
-    is replaced; any other non-empty ``train/`` or ``val/`` is refused.
+    order. ``out`` must be empty or new unless ``force``; then a dataset an earlier call wrote there
+    (listed in its ``fastmeal_synthetic.json``) is replaced, and nothing else is deleted. Files of another
+    origin under ``train/`` or ``val/`` are always refused.
 
     Args:
         out: output root.
@@ -366,21 +418,48 @@ def synthesize(
         quality: JPEG quality.
         progress: show a progress bar over images.
         num_workers: processes that write classes in parallel (the files do not depend on it).
+        force: write into a non-empty folder (see above).
+
+    Raises:
+        DataError: a bad count or size range (named by its ``fastmeal data synth`` option), or a folder it
+            must not write into.
 
     Returns:
         Summary dict: ``root``, ``classes`` (folder names), ``num_classes``, ``num_train``, ``num_val``,
         ``seed``, ``size_range``, and ``oddities``: relative POSIX paths per kind (empty lists when off).
     """
-    if train_per_class < 1 or val_per_class < 0:
-        raise ValueError(f"need train_per_class >= 1 and val_per_class >= 0, got {train_per_class}, {val_per_class}")
+    if num_classes < 2:
+        raise DataError(f"--classes {num_classes}: a dataset needs at least 2 classes")
+    if train_per_class < 1:
+        raise DataError(f"--train-per-class {train_per_class}: each class needs at least 1 train image")
+    if val_per_class < 0:
+        raise DataError(f"--val-per-class {val_per_class} must be >= 0")
     lo, hi = size_range
     if not 8 <= lo <= hi:
-        raise ValueError(f"size_range must be (lo, hi) with 8 <= lo <= hi, got {size_range}")
+        raise DataError(f"--size-range {lo} {hi}: the short side range must be LO HI with 8 <= LO <= HI")
     out = Path(out)
     specs = class_specs(num_classes)
     num_per_class = {"train": train_per_class, "val": val_per_class}
     plan = _plan_oddities(num_classes, num_per_class) if oddities else {}
-    _prepare_output(out)
+    _prepare_output(out, force)
+
+    odd_paths: dict[str, list[str]] = {kind: [] for kind in ODDITY_KINDS}
+    for (split, c, k), kind in sorted(plan.items()):
+        odd_paths[kind].append(f"{split}/{specs[c].name}/{_file_name(specs[c], k)}")
+    summary = {
+        "root": str(out),
+        "classes": [spec.name for spec in specs],
+        "num_classes": num_classes,
+        "num_train": num_classes * train_per_class,
+        "num_val": num_classes * val_per_class,
+        "seed": seed,
+        "size_range": [lo, hi],
+        "quality": quality,
+        "oddities": odd_paths,
+    }
+    # Written first (complete=false) so that a killed call's files can still be told apart and replaced
+    # with --force; rewritten last with complete=true.
+    _write_marker(out, {**summary, "complete": False})
 
     jobs = []
     for split in SPLITS:
@@ -404,20 +483,5 @@ def synthesize(
             finally:
                 pool.shutdown(cancel_futures=True)  # a stop does not wait for the classes not started
 
-    odd_paths: dict[str, list[str]] = {kind: [] for kind in ODDITY_KINDS}
-    for (split, c, k), kind in sorted(plan.items()):
-        odd_paths[kind].append(f"{split}/{specs[c].name}/{_file_name(specs[c], k)}")
-    summary = {
-        "root": str(out),
-        "classes": [spec.name for spec in specs],
-        "num_classes": num_classes,
-        "num_train": num_classes * train_per_class,
-        "num_val": num_classes * val_per_class,
-        "seed": seed,
-        "size_range": [lo, hi],
-        "quality": quality,
-        "oddities": odd_paths,
-    }
-    # Written last: its presence means the dataset is complete and may be replaced by a later call.
-    (out / MARKER_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    _write_marker(out, {**summary, "complete": True})
     return summary

@@ -57,6 +57,10 @@ from fastmeal.lifecycle import register_loader, unregister_loader, worker_init, 
 
 log = logging.getLogger(__name__)
 
+# The label of an evaluation slot whose file was corrupt (data.skip_corrupt=true): the row is dropped.
+SKIPPED_LABEL = -1
+
+
 def close_iterator(iterator: Any) -> None:
     """End a DataLoader iterator's worker processes now: the graceful way, then SIGKILL for any left.
 
@@ -116,7 +120,9 @@ class FolderDataset(Dataset):
     ``__getitem__`` returns ``(image [3,S,S] fp32, label, skipped)`` where ``skipped`` is the tuple of
     corrupt paths that were replaced to produce this sample (empty unless ``skip_corrupt``). A corrupt
     file's slot is filled by the next decodable file in dataset order
-    (:func:`fastmeal.data.common.next_decodable`), so the epoch keeps its sample count.
+    (:func:`fastmeal.data.common.next_decodable`), so a batch keeps its shape; in evaluation the slot's
+    label is :data:`SKIPPED_LABEL` and the loader drops it, so the file is not counted (nor is a
+    duplicate of another image).
     """
 
     def __init__(self, split: Split, transform: transforms.Compose, *, skip_corrupt: bool = False):
@@ -141,7 +147,7 @@ class FolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, tuple[str, ...]]:
         img, read, skipped = self._load(index)
-        return self.transform(img), self.labels[read], skipped
+        return self.transform(img), self.labels[read] if read == index else SKIPPED_LABEL, skipped
 
 
 class PlannedDataset(FolderDataset):
@@ -289,8 +295,15 @@ class TorchvisionLoader(LoaderBase):
             for path in skipped:
                 if path not in self._skipped:
                     self._skipped.add(path)
-                    log.warning("skipped corrupt image %s (data.skip_corrupt=true; %d skipped so far); its slot "
-                                "in the batch holds the next decodable file", path, len(self._skipped))
+                    log.warning("skipped corrupt image %s (data.skip_corrupt=true; %d skipped so far); %s", path,
+                                len(self._skipped), "its slot in the batch holds the next decodable file" if self.train
+                                else "not evaluated: the val total is smaller by the skipped files")
+            if not self.train:  # evaluation counts each readable file once and no stand-in
+                keep = labels != SKIPPED_LABEL
+                if not bool(keep.all()):
+                    images, labels = images[keep], labels[keep]
+                if not len(labels):
+                    continue
             images = images.to(self.device, non_blocking=True)
             yield (images.to(dtype=self.dtype, memory_format=torch.channels_last),
                    labels.to(self.device, non_blocking=True))

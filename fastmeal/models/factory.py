@@ -21,6 +21,7 @@ import os
 import pickle
 import socket
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -335,6 +336,7 @@ def build_student(cfg: Config) -> nn.Module:
         WeightsError: see :func:`load_weights` and :func:`create_pretrained`.
     """
     m = cfg.model
+    check_weights_available(cfg, teachers=False)
     if m.student_weights:
         model = create_model(m.student, num_classes=m.num_classes, what="model.student")
         load_weights(model, m.student_weights, what="model.student_weights")
@@ -353,6 +355,7 @@ def build_teacher_models(cfg: Config) -> list[nn.Module]:
         WeightsError: a weights problem, or a teacher whose class count differs from
             ``model.num_classes`` (teachers, student and data must agree).
     """
+    check_weights_available(cfg, student=False)  # every missing teacher at once, not one per attempt
     models = []
     # Teachers are given together, so the advice spells out the whole list, e.g. a@FILE0,b@FILE1.
     all_teachers = ",".join(f"{t.tag}@{t.weights or f'FILE{j}'}" for j, t in enumerate(cfg.model.teachers))
@@ -415,3 +418,153 @@ def build_discriminator(cfg: Config) -> Discriminator | None:
         return None
     return Discriminator(cfg.model.num_classes, hidden=tuple(cfg.loss.discriminator_hidden),
                          final_relu=cfg.loss.final_relu)
+
+
+# --------------------------------------------------------------------------------------------
+# Which weight files a config needs, whether they are here, and fetching them for an offline machine
+# --------------------------------------------------------------------------------------------
+
+HF_FILENAMES = ("model.safetensors", "pytorch_model.bin")  # what timm's hub loader tries, in its order
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """One weights file a config needs.
+
+    Attributes:
+        key: the config key it comes from (``model.student`` for pretrained weights, ``model.student_weights``,
+            ``model.teachers[1]``).
+        tag: the timm tag.
+        file: the local file the config names ("" = the tag's pretrained weights).
+        hf_repo: the tag's Hugging Face repo (``timm/senet154.gluon_in1k``; "" if it has none).
+        url: the tag's older release URL ("" if none).
+        found: where the file is on this machine (the named file, or the Hugging Face cache); "" = missing.
+    """
+
+    key: str
+    tag: str
+    file: str
+    hf_repo: str
+    url: str
+    found: str
+
+    def origin(self) -> str:
+        """Where the file comes from, in words."""
+        if self.file:
+            return f"the local file {self.file}"
+        parts = [f"https://huggingface.co/{self.hf_repo} ({' or '.join(HF_FILENAMES)})"] if self.hf_repo else []
+        return " or ".join(parts + ([self.url] if self.url else [])) or "nowhere: the tag has no pretrained weights"
+
+    @property
+    def override(self) -> str:
+        """How a local file is passed instead: ``model.student_weights=FILE`` or ``tag@FILE`` in model.teachers."""
+        return "model.student_weights=FILE" if self.key.startswith("model.student") else f"{self.tag}@FILE"
+
+
+def weight_sources(cfg: Config, *, student: bool = True, teachers: bool = True) -> list[WeightSource]:
+    """The weight files ``cfg`` loads: the student's (a named file, or pretrained ones) and each teacher's.
+
+    Reads no weights and uses no network: ``found`` is the named file if it exists, else the tag's
+    file in the local Hugging Face cache (``HF_HUB_CACHE``/``HF_HOME``, where timm looks).
+    """
+    wanted = []
+    m = cfg.model
+    if student and (m.student_weights or m.pretrained):
+        wanted.append(("model.student_weights" if m.student_weights else "model.student", m.student,
+                       m.student_weights))
+    if teachers:
+        wanted += [(f"model.teachers[{i}]", t.tag, t.weights) for i, t in enumerate(m.teachers)]
+    out = []
+    for key, tag, file in wanted:
+        pretrained = {} if file else _pretrained_cfg(tag) if timm.is_model(tag.split(".")[0]) else {}
+        hf_repo = pretrained.get("hf_hub_id") or ""
+        found = (file if Path(file).is_file() else "") if file else (_cached_hub_file(hf_repo) or "") if hf_repo else ""
+        out.append(WeightSource(key=key, tag=tag, file=file, hf_repo=hf_repo, url=pretrained.get("url") or "",
+                                found=found))
+    return out
+
+
+def check_weights_available(cfg: Config, *, student: bool = True, teachers: bool = True) -> None:
+    """Raise one error listing every weights file ``cfg`` needs that this machine lacks and cannot download.
+
+    A named file that does not exist is always listed; the tag's pretrained weights only when the hub is
+    not reachable (offline) and they are not in the Hugging Face cache.
+
+    Raises:
+        WeightsError: naming each missing file, where it comes from, and how to bring them all at once.
+    """
+    # Tags timm does not know, or without pretrained weights, are left to the builders' own errors.
+    missing = [s for s in weight_sources(cfg, student=student, teachers=teachers)
+               if not s.found and (s.file or s.hf_repo or s.url)]
+    hub = [s for s in missing if not s.file]
+    if hub and any(_reachable(f"https://huggingface.co/{s.hf_repo}") or (s.url and _reachable(s.url)) for s in hub):
+        hub = []  # online: timm downloads them
+    missing = [s for s in missing if s.file or s in hub]
+    if not missing:
+        return
+    advice = []
+    if any(s.file for s in missing):
+        advice.append("Check the path of each named file")
+    if hub:
+        advice.append(f"On a machine with network access run `fastmeal weights fetch --preset {cfg.name} --out DIR` "
+                      "(with the same --set options), copy DIR here and set HF_HUB_CACHE=DIR (README, \"Weights on "
+                      "an offline machine\"); or download each file and pass it with " + _file_overrides(cfg, missing))
+    raise WeightsError(f"{len(missing)} weights file(s) this run needs are not on this machine: "
+                       + "; ".join(f"{s.key} = {s.tag}: {s.origin()}" for s in missing) + ". " + "; ".join(advice))
+
+
+def _file_overrides(cfg: Config, missing: Sequence[WeightSource]) -> str:
+    """``--set model.student_weights=FILE --set model.teachers=a@FILE0,b@/w/b.pth``: every local file to pass."""
+    out = []
+    if any(s.key.startswith("model.student") for s in missing):
+        out.append("--set model.student_weights=FILE")
+    if any(s.key.startswith("model.teachers") for s in missing):
+        # Teachers are given together: the whole list, each missing one as FILEi.
+        out.append("--set model.teachers=" + ",".join(f"{t.tag}@{t.weights or f'FILE{j}'}"
+                                                       for j, t in enumerate(cfg.model.teachers)))
+    return " ".join(out)
+
+
+def fetch_weights(sources: Sequence[WeightSource], out: str | os.PathLike, *,
+                  download: Any = None) -> list[tuple[WeightSource, Path]]:
+    """Download each source's pretrained weights into ``out`` in the Hugging Face cache layout.
+
+    ``out`` is then what ``HF_HUB_CACHE`` names on the offline machine (timm reads the hub's files
+    through that cache: ``out/models--timm--<tag>/snapshots/<revision>/model.safetensors``). Sources
+    that name a local file are skipped (copy those yourself).
+
+    Args:
+        sources: from :func:`weight_sources`.
+        out: the folder (created).
+        download: ``huggingface_hub.hf_hub_download``-like callable (tests inject one); default the real one.
+
+    Returns:
+        ``(source, path of the downloaded file)`` for each hub source.
+
+    Raises:
+        WeightsError: a tag without a Hugging Face repo (its URL is given to fetch by hand), or a failed download.
+    """
+    if download is None:
+        from huggingface_hub import hf_hub_download as download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fetched = []
+    for source in sources:
+        if source.file:
+            continue
+        if not source.hf_repo:
+            raise WeightsError(f"{source.key} = {source.tag} has no Hugging Face repo: download {source.origin()} "
+                               f"by hand and pass the file as {source.override}")
+        for name in HF_FILENAMES:
+            try:
+                fetched.append((source, Path(download(repo_id=source.hf_repo, filename=name, cache_dir=str(out)))))
+                break
+            except EntryNotFoundError:
+                continue
+            except Exception as err:  # noqa: BLE001 - network errors come in many types; one message for all
+                raise WeightsError(f"downloading {source.hf_repo}/{name} failed ({type(err).__name__}: {err})") from err
+        else:
+            raise WeightsError(f"{source.hf_repo} has none of {', '.join(HF_FILENAMES)}")
+    return fetched
