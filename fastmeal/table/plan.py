@@ -313,7 +313,7 @@ def dataset_sizes(spec: TableSpec, root: str) -> dict[str, Any]:
         counts = {split: sum(1 for d in os.scandir(Path(root) / split) if d.is_dir()
                              for f in os.scandir(d.path) if f.is_file()) for split in ("train", "val")}
         return {**counts, "source": f"counted in {root}"}
-    return {"train": IMAGENET_TRAIN, "val": IMAGENET_VAL, "source": "ImageNet-1k (data.root not given here)"}
+    return {"train": IMAGENET_TRAIN, "val": IMAGENET_VAL, "source": "ImageNet-1k's sizes (data.root not readable here)"}
 
 
 def check_data_root(root: str) -> None:

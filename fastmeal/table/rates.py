@@ -119,8 +119,13 @@ def model_cost(tag: str, image_size: int, num_classes: int = 1000) -> tuple[floa
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from fastmeal.table.plan import TableError
+
     with torch.device("meta"):
-        model = timm.create_model(tag, pretrained=False, num_classes=num_classes).eval()
+        try:
+            model = timm.create_model(tag, pretrained=False, num_classes=num_classes).eval()
+        except RuntimeError as err:  # timm: "Unknown model (...)"
+            raise TableError(f"{tag!r} is not a timm model ({err}); see `timm.list_models()`") from None
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             model(torch.empty(1, 3, image_size, image_size))
     return float(counter.get_total_flops()), sum(p.numel() for p in model.parameters())

@@ -251,14 +251,22 @@ def check_disk(plan: Plan, done: set[str]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _load_prctl() -> Callable[..., int] | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: a killed table leaves its stages running
+        return None
+
+
+_PRCTL = _load_prctl()  # looked up here, not in the forked child (which should only make system calls)
+
+
 def _child_setup() -> None:
     """In the stage's process, before exec: its own process group (the table forwards signals to it), and
     SIGTERM when the table process dies, however it dies."""
     os.setpgid(0, 0)
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: a killed table leaves its stages running
-        pass
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def local_argv(stage: Stage) -> list[str]:
@@ -418,7 +426,7 @@ class TableRunner:
             if ok:
                 st.state, st.finished = "done", time.time()
                 self.say(f"{name}: done in {format_duration(time.perf_counter() - r.start)}")
-            elif self.signal is not None:
+            elif self.signal is not None or self.failure is not None:
                 st.state = "stopped"
                 self.say(f"{name}: stopped ({why}); it continues when the table runs again")
             else:
