@@ -240,6 +240,7 @@ def _table_plan(args: argparse.Namespace, *, check_data: bool = False):
 
 def cmd_table(args: argparse.Namespace) -> int:
     """``fastmeal table plan|run|slurm|report``: bad input is one line and exit 2, before anything starts."""
+    from fastmeal.report import ReportError
     from fastmeal.table.plan import TableError
 
     _setup_logging()
@@ -265,7 +266,7 @@ def cmd_table(args: argparse.Namespace) -> int:
         from fastmeal.table.runner import run_table
 
         return run_table(plan, replan=args.replan, status_every=args.status_every)
-    except TableError as err:
+    except (TableError, ReportError) as err:
         return _report_user_error(err)
 
 

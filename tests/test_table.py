@@ -279,8 +279,8 @@ def test_report_refuses_a_probe_file_without_the_agreed_keys(tmp_path):
 
 TINY = ("schedule.epochs=2", "runtime.max_steps_per_epoch=2", "data.batch_size=16", "data.workers=0",
         "runtime.checkpoint_every_steps=1")
-# The table process of `fastmeal table run --demo`, with a smaller dataset than the CLI's demo (4 classes,
-# 8 train and 5 val images each): most of a stage's time here is its process start-up.
+# The table process of `fastmeal table run --demo`, with a smaller dataset than the CLI's demo (6 classes,
+# 6 train and 4 val images each): most of a stage's time here is its process start-up.
 _TABLE = """
 import sys
 from fastmeal.table.plan import DemoTable, TableSpec, build_plan
@@ -288,7 +288,7 @@ from fastmeal.table.rates import Rates
 from fastmeal.table.runner import run_table
 
 spec = TableSpec(out=sys.argv[1], demo=True, overrides=tuple(sys.argv[2:]),
-                 demo_sizes=DemoTable(num_classes=4, train_per_class=8, val_per_class=5))
+                 demo_sizes=DemoTable(num_classes=6, train_per_class=6, val_per_class=4))
 sys.exit(run_table(build_plan(spec, Rates(device_kind="cpu")), status_every=5))
 """
 

@@ -447,6 +447,9 @@ def _choose_modes(spec: TableSpec, rows: list[Row], rates: Rates, dataset: dict[
     for members in groups.values():
         cfg = members[0].cfg
         epochs = max(r.cfg.schedule.epochs for r in members)
+        if cfg.bank.top_k > cfg.model.num_classes:
+            raise TableError(f"bank.top_k={cfg.bank.top_k} exceeds model.num_classes={cfg.model.num_classes} of "
+                             f"{members[0].name}: set bank.top_k <= {cfg.model.num_classes}")
         name = _bank_name(cfg)
         if len(members) == 1:
             row = members[0]
@@ -674,6 +677,7 @@ def format_plan(plan: Plan) -> str:
     else:
         label = "estimate: measured rates where available, DEFAULT rates (not measured) for the rest"
     devices = f"{spec.stage_gpus} GPU(s) per stage" if spec.total_gpus else "one stage at a time on the CPU"
+    unit = "GPU" if spec.total_gpus else "CPU"  # a CPU stage counts as one device
     lines = [f"fastmeal table plan: {'demo table' if spec.demo else 'paper table'}, {len(plan.rows)} row(s), "
              f"{est['machine']}, {devices}; out {spec.out}",
              f"dataset: {plan.dataset['train']:,} train / {plan.dataset['val']:,} val images "
@@ -697,15 +701,15 @@ def format_plan(plan: Plan) -> str:
         after = ", ".join(stage.deps) or "-"
         gpus = f"{stage.gpus} GPU" if stage.gpus else "CPU"
         lines.append(f"  {i:>2}. {stage.name}  [{stage.kind}; after: {after}; {gpus}; est. "
-                     f"{format_duration(stage.seconds)} wall, {stage.gpu_hours:.2f} GPU-h ({stage.rate_source}); "
+                     f"{format_duration(stage.seconds)} wall, {stage.gpu_hours:.2f} {unit}-h ({stage.rate_source}); "
                      f"starts at {format_duration(stage.start_s)}]")
         lines.append(f"      {stage.command()}")
     disk = est["disk_bytes"]
     share = f" ({100 * est['saved_gpu_hours'] / est['online_gpu_hours']:.0f}%)" if est["online_gpu_hours"] else ""
-    lines += ["", f"Total ({label}): {est['gpu_hours']:.1f} GPU-hours, wall-clock "
+    lines += ["", f"Total ({label}): {est['gpu_hours']:.2f} {unit}-hours, wall-clock "
               f"{format_duration(est['wall_seconds'])} on {est['machine']}",
-              f"Same table all online ({label}): {est['online_gpu_hours']:.1f} GPU-hours, wall-clock "
-              f"{format_duration(est['online_wall_seconds'])}; the banks save {est['saved_gpu_hours']:.1f} GPU-hours"
+              f"Same table all online ({label}): {est['online_gpu_hours']:.2f} {unit}-hours, wall-clock "
+              f"{format_duration(est['online_wall_seconds'])}; the banks save {est['saved_gpu_hours']:.2f} {unit}-hours"
               + share,
               f"Disk (estimate): banks {_gb(disk['banks'])}, checkpoints and exports {_gb(disk['checkpoints'])}"
               + (f", data {_gb(disk['data'])}" if disk["data"] else "")

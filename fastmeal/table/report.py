@@ -11,7 +11,6 @@ vs paper per row), and ``fastmeal report``'s pages of the rows' runs in ``OUT/re
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import math
@@ -204,26 +203,16 @@ def _notes(plan: dict[str, Any], rows: list[dict[str, Any]], shared: list[dict[s
 
 
 def _html(body: list[list[str]], shared: list[dict[str, Any]], notes: list[str], figures: list[Path]) -> str:
-    """One page that opens from disk: inline CSS, the figures as ``data:`` URIs (as ``fastmeal report``'s)."""
-    esc = html.escape
-
-    def table(header: list[str] | tuple[str, ...], cells: list[list[str]]) -> str:
-        head = "".join(f"<th>{esc(h)}</th>" for h in header)
-        rows = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in cells)
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+    """One page that opens from disk (``fastmeal report``'s style, tables and inline figures)."""
+    from fastmeal.report import HTML_STYLE, html_image, html_table
 
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8"><title>fastmeal table</title>',
-             "<style>body{font-family:sans-serif;margin:2em;max-width:1700px}table{border-collapse:collapse;"
-             "margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:left}"
-             "th{background:#f2f2f2}img{max-width:100%;border:1px solid #eee}</style></head><body>",
-             "<h1>fastmeal table</h1>", *[f"<p>{esc(n)}</p>" for n in notes], table(COLUMNS, body),
-             "<h2>Shared stages</h2>",
-             table(("stage", "kind", "serves", "wall-clock", "GPU-h", "status"),
-                   [[s["stage"], s["kind"], ", ".join(s["serves"]) or "-", format_duration(s["seconds"]),
-                     f"{s['gpu_hours']:.2f}", s["status"]] for s in shared])]
-    for path in figures:
-        data = base64.b64encode(path.read_bytes()).decode("ascii")
-        parts.append(f'<h2>{esc(path.stem)}</h2><img alt="{esc(path.stem)}" src="data:image/png;base64,{data}">')
+             HTML_STYLE, "</head><body>", "<h1>fastmeal table</h1>", *[f"<p>{html.escape(n)}</p>" for n in notes],
+             html_table(COLUMNS, body), "<h2>Shared stages</h2>",
+             html_table(("stage", "kind", "serves", "wall-clock", "GPU-h", "status"),
+                        [[s["stage"], s["kind"], ", ".join(s["serves"]) or "-", format_duration(s["seconds"]),
+                          f"{s['gpu_hours']:.2f}", s["status"]] for s in shared])]
+    parts += [f"<h2>{html.escape(path.stem)}</h2>{html_image(path.stem, path)}" for path in figures]
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
