@@ -240,6 +240,10 @@ def _table_plan(args: argparse.Namespace, *, check_data: bool = False):
 
 def cmd_table(args: argparse.Namespace) -> int:
     """``fastmeal table plan|run|slurm|report``: bad input is one line and exit 2, before anything starts."""
+    if getattr(args, "calibrate", False):
+        # Before torch's import, as `fastmeal demo` does: on a CPU, spinning OpenMP threads starve each other and
+        # the timings would be several times slower than the stages (which the runner starts with it too).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from fastmeal.report import ReportError
     from fastmeal.table.plan import TableError
 
