@@ -367,3 +367,90 @@ def test_tiny_demo_table_killed_past_a_finished_stage_finishes_as_an_uninterrupt
     assert main(["table", "report", "--out", str(tmp_path / "kill")]) == 0
     md = (tmp_path / "kill" / "report" / "table.md").read_text()
     assert "paper columns are empty" in md and "| demo_cutmix | online | - | - |" in md
+
+
+# --------------------------------------------------------------------------------------------
+# The runner's packing and signals, with stand-in stage commands (fast; no training)
+# --------------------------------------------------------------------------------------------
+
+_STAND_IN = """
+import json, os, signal, sys, time
+out, seconds = sys.argv[1], float(sys.argv[2])
+os.makedirs(os.path.dirname(out), exist_ok=True)
+record = {"devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "start": time.time(), "pgid": os.getpgid(0)}
+def stop(signum, _frame):
+    record["signal"] = signal.Signals(signum).name
+    open(out + ".signal", "w").write(json.dumps(record))
+    sys.exit(0 if signum == signal.SIGTERM else 130)
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGINT, stop)
+time.sleep(seconds)
+record["end"] = time.time()
+open(out + ".done", "w").write(json.dumps(record))
+print(json.dumps({"top1": 1.0, "top5": 2.0}))
+"""
+
+
+def _stand_in_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seconds: float):
+    from fastmeal.table import runner
+
+    data = _imagefolder(tmp_path / "data")
+    spec = TableSpec(out=str(tmp_path / "t"), presets=("r18_224", "mnv3s075_224", "mnv3s100_224"),
+                     overrides=(f"data.root={data}",), gpus_per_node=4, gpus_per_stage=2)
+    plan = build_plan(spec, Rates())
+    monkeypatch.setattr(runner, "local_argv", lambda stage: [sys.executable, "-c", _STAND_IN, stage.output,
+                                                             str(seconds)])
+    monkeypatch.setattr(runner, "verify_stage", lambda stage: (Path(stage.output + ".done").exists(), "stand-in"))
+    monkeypatch.setattr(runner, "check_disk", lambda plan, done: None)
+    return plan
+
+
+def test_runner_packs_independent_stages_on_disjoint_gpu_sets(tmp_path, monkeypatch):
+    from fastmeal.table.runner import run_table
+
+    plan = _stand_in_plan(tmp_path, monkeypatch, seconds=1.0)
+    assert run_table(plan, status_every=0.5) == 0
+    spans = {s.name: json.loads(Path(s.output + ".done").read_text()) for s in plan.stages}
+    for s in plan.stages:
+        assert len(spans[s.name]["devices"].split(",")) == s.gpus
+        for d in s.deps:  # dependencies finished first
+            assert spans[d]["end"] <= spans[s.name]["start"]
+    names = list(spans)
+    overlapping = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
+                   if spans[a]["start"] < spans[b]["end"] and spans[b]["start"] < spans[a]["end"]]
+    for a, b in overlapping:
+        assert not set(spans[a]["devices"].split(",")) & set(spans[b]["devices"].split(",")), (a, b)
+    assert any(a.startswith("train-") and b.startswith("train-") for a, b in overlapping)
+    states = json.loads((Path(plan.spec.out) / "table_state.json").read_text())["stages"]
+    assert all(s["state"] == "done" and s["attempts"] == 1 for s in states.values())
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 0), (signal.SIGUSR1, 0), (signal.SIGINT, 130)])
+def test_table_signals_reach_the_running_stages(tmp_path, monkeypatch, signum, code):
+    import threading
+
+    from fastmeal.table.runner import run_table
+
+    plan = _stand_in_plan(tmp_path, monkeypatch, seconds=60.0)
+    bank = plan.stages[0] if plan.stages[0].kind == "bank" else next(s for s in plan.stages if s.kind == "bank")
+    state_file = Path(plan.spec.out) / "table_state.json"
+
+    def send() -> None:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if state_file.exists() and json.loads(state_file.read_text())["stages"][bank.name]["state"] == "running":
+                time.sleep(1.0)  # the stand-in has installed its handlers
+                os.kill(os.getpid(), signum)
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=send, daemon=True).start()
+    start = time.time()
+    assert run_table(plan, status_every=60) == code
+    assert time.time() - start < 30  # the stage stopped on the signal, not after its 60 s
+    got = json.loads(Path(bank.output + ".signal").read_text())
+    assert got["signal"] == ("SIGINT" if signum == signal.SIGINT else "SIGTERM")
+    assert got["pgid"] != os.getpgid(0)  # its own process group: a terminal's Ctrl-C reaches it only through the table
+    states = json.loads(state_file.read_text())["stages"]
+    assert states[bank.name]["state"] == "stopped" and all(
+        s["attempts"] == 0 for n, s in states.items() if n != bank.name)
