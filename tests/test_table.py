@@ -398,11 +398,19 @@ def _stand_in_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seconds: flo
     spec = TableSpec(out=str(tmp_path / "t"), presets=("r18_224", "mnv3s075_224", "mnv3s100_224"),
                      overrides=(f"data.root={data}",), gpus_per_node=4, gpus_per_stage=2)
     plan = build_plan(spec, Rates())
-    monkeypatch.setattr(runner, "local_argv", lambda stage: [sys.executable, "-c", _STAND_IN, stage.output,
+    real_verify = runner.verify_stage
+    monkeypatch.setattr(runner, "local_argv", lambda stage: [sys.executable, "-c", _STAND_IN, _marker(stage),
                                                              str(seconds)])
-    monkeypatch.setattr(runner, "verify_stage", lambda stage: (Path(stage.output + ".done").exists(), "stand-in"))
+    # An eval stand-in prints a result that the real check reads; the others leave a marker in their output.
+    monkeypatch.setattr(runner, "verify_stage", lambda stage: real_verify(stage) if stage.kind == "eval" else (
+        Path(_marker(stage) + ".done").exists(), "stand-in"))
     monkeypatch.setattr(runner, "check_disk", lambda plan, done: None)
     return plan
+
+
+def _marker(stage) -> str:
+    """Where a stand-in stage records what it saw (inside its output; beside it for an eval's result file)."""
+    return stage.output + (".stand-in" if stage.kind == "eval" else "/stand-in")
 
 
 def test_runner_packs_independent_stages_on_disjoint_gpu_sets(tmp_path, monkeypatch):
@@ -410,7 +418,7 @@ def test_runner_packs_independent_stages_on_disjoint_gpu_sets(tmp_path, monkeypa
 
     plan = _stand_in_plan(tmp_path, monkeypatch, seconds=1.0)
     assert run_table(plan, status_every=0.5) == 0
-    spans = {s.name: json.loads(Path(s.output + ".done").read_text()) for s in plan.stages}
+    spans = {s.name: json.loads(Path(_marker(s) + ".done").read_text()) for s in plan.stages}
     for s in plan.stages:
         assert len(spans[s.name]["devices"].split(",")) == s.gpus
         for d in s.deps:  # dependencies finished first
@@ -448,9 +456,32 @@ def test_table_signals_reach_the_running_stages(tmp_path, monkeypatch, signum, c
     start = time.time()
     assert run_table(plan, status_every=60) == code
     assert time.time() - start < 30  # the stage stopped on the signal, not after its 60 s
-    got = json.loads(Path(bank.output + ".signal").read_text())
+    got = json.loads(Path(_marker(bank) + ".signal").read_text())
     assert got["signal"] == ("SIGINT" if signum == signal.SIGINT else "SIGTERM")
     assert got["pgid"] != os.getpgid(0)  # its own process group: a terminal's Ctrl-C reaches it only through the table
     states = json.loads(state_file.read_text())["stages"]
     assert states[bank.name]["state"] == "stopped" and all(
         s["attempts"] == 0 for n, s in states.items() if n != bank.name)
+
+
+def test_replan_keeps_finished_stages_that_still_fit_and_sets_changed_ones_aside(tmp_path, monkeypatch):
+    from fastmeal.table.plan import TableError
+    from fastmeal.table.runner import run_table
+
+    first = _stand_in_plan(tmp_path, monkeypatch, seconds=0.1)
+    assert run_table(first, status_every=60) == 0
+    # Two of the three students: the bank still serves both (same command), r18's commands are unchanged.
+    smaller = build_plan(TableSpec(**{**vars(first.spec), "presets": ("r18_224", "mnv3s075_224")}), Rates())
+    # r18 alone: it trains online now, so its training and eval commands changed.
+    alone = build_plan(TableSpec(**{**vars(first.spec), "presets": ("r18_224",)}), Rates())
+    with pytest.raises(TableError, match="holds another table plan"):
+        run_table(alone)
+    assert run_table(smaller, replan=True, status_every=60) == 0
+    states = json.loads((Path(first.spec.out) / "table_state.json").read_text())["stages"]
+    assert set(states) == {s.name for s in smaller.stages}
+    assert all(s["attempts"] == 1 for s in states.values())  # nothing was redone
+    assert run_table(alone, replan=True, status_every=60) == 0
+    states = json.loads((Path(first.spec.out) / "table_state.json").read_text())["stages"]
+    assert states["train-r18_224"]["attempts"] == 1 and states["eval-r18_224"]["attempts"] == 1
+    assert any(p.name.startswith("r18_224.replaced-") for p in (Path(first.spec.out) / "runs").iterdir())
+    assert Path(_marker(alone.stage("train-r18_224")) + ".done").exists()
