@@ -280,7 +280,7 @@ def _add_table_parser(sub: argparse._SubParsersAction) -> None:
     helps = {"plan": "banks, which preset trains how and why, every stage's command, estimates, disk",
              "run": "run the plan's stages on this node into --out (the same command continues a stopped table)",
              "slurm": "write one sbatch script per stage, chained by afterok dependencies, and submit.sh",
-             "report": "the table beside the paper's numbers: report.md, report.html, table.png (in OUT/report)"}
+             "report": "the table beside the paper's numbers: table.md, table.html, table.png in OUT/report"}
     for verb, text in helps.items():
         p = verbs.add_parser(verb, help=text)
         p.add_argument("--out", default="table_out", metavar="DIR", help="the table's folder (default table_out)")
