@@ -197,7 +197,7 @@ class Plan:
                 "rows": [{"name": r.name, "preset": r.preset, "mode": r.mode, "bank": r.bank, "reason": r.reason,
                           "epochs": r.cfg.schedule.epochs, "run_dir": r.cfg.runtime.run_dir} for r in self.rows],
                 "banks": self.banks,
-                "stages": [{**{k: v for k, v in asdict(s).items()}, "command": s.command()} for s in self.stages],
+                "stages": [{**asdict(s), "command": s.command()} for s in self.stages],
                 "estimate": self.estimate}
 
 

@@ -336,7 +336,7 @@ class TableRunner:
                     self._start_ready()
                 self._reap()
                 if not self.running and (self.signal is not None or self.failure is not None or self._all_done()
-                                         or not self._startable()):
+                                         or not self._ready()):
                     break
                 if time.perf_counter() - last_status >= self.status_every:
                     self._status()
@@ -355,9 +355,6 @@ class TableRunner:
         ready = [s for s in self.plan.stages if st[s.name].state == "pending" and s.name not in self.running
                  and all(st[d].state == "done" for d in s.deps)]
         return sorted(ready, key=lambda s: -self.priority[s.name])
-
-    def _startable(self) -> bool:
-        return bool(self._ready())
 
     def _free_devices(self) -> list[int]:
         used = {d for r in self.running.values() for d in self.state.stages[r.stage.name].devices}
