@@ -487,9 +487,11 @@ class CheckpointManager:
                                          self.export_dir / "student_best", global_step=best["global_step"],
                                          make_parents=False)
                 exports["student_best"] = best["global_step"]
+        # top1: an epoch's checkpoint is written twice, before and after its evaluation (same name): it tells
+        # which of the two the manifest describes.
         manifest = {"format": "fastmeal-manifest", "latest": path.name, "global_step": step,
-                    "epoch": int(state["epoch"]), "step_in_epoch": int(state["step_in_epoch"]), "best": best,
-                    "exports": exports}
+                    "epoch": int(state["epoch"]), "step_in_epoch": int(state["step_in_epoch"]),
+                    "top1": state.get("top1"), "best": best, "exports": exports}
         atomic_write_bytes(self.manifest_path, (json.dumps(manifest, indent=1) + "\n").encode(), make_parents=False)
         self._prune()
 
@@ -518,8 +520,8 @@ class CheckpointManager:
                 sidecar.unlink(missing_ok=True)
         manifest = self.manifest() or {}
         best = self.best_info()
-        consistent = (manifest.get("latest") == path.name and manifest.get("best") == best
-                      and (best is None or self.best_path.is_file()))
+        consistent = (manifest.get("latest") == path.name and manifest.get("top1") == state.get("top1")
+                      and manifest.get("best") == best and (best is None or self.best_path.is_file()))
         if self.export_dir is not None:
             consistent = consistent and all(self._export_current(stem, step)
                                             for stem, step in manifest.get("exports", {}).items())

@@ -298,6 +298,124 @@ def cmd_weights_fetch(args: argparse.Namespace) -> int:
             print(f"{source.key:<18} {source.tag:<32} names the local file {source.file}: copy it yourself")
     print(f"# on the offline machine: copy {args.out} there, then export HF_HUB_CACHE={args.out} HF_HUB_OFFLINE=1")
     return 0
+# ---------------------------------------------------------------------------------------- fastmeal table
+
+
+def _table_spec(args: argparse.Namespace):
+    from fastmeal.table.plan import TableSpec
+
+    presets = tuple(p for item in args.presets for p in item.split(",") if p)
+    gpus = args.gpus_per_node
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    return TableSpec(presets=presets, overrides=tuple(args.overrides), out=args.out, demo=args.demo,
+                     nodes=args.nodes, gpus_per_node=gpus, gpus_per_stage=args.gpus_per_stage)
+
+
+def _table_plan(args: argparse.Namespace, *, check_data: bool = False):
+    """The plan of the table the arguments describe, its rates calibrated, read or defaulted (printing why)."""
+    from fastmeal.table.plan import build_plan, plan_workloads
+    from fastmeal.table.rates import Rates, calibrate, machine_identity, read_rates, write_rates
+
+    spec = _table_spec(args)
+    if spec.total_gpus and check_data:
+        import torch
+
+        if spec.gpus_per_node > torch.cuda.device_count() or spec.nodes != 1:
+            from fastmeal.table.plan import TableError
+
+            raise TableError(f"`table run` runs on this node, which has {torch.cuda.device_count()} GPU(s): use "
+                             f"--nodes 1 and --gpus-per-node <= {torch.cuda.device_count()} (`table slurm` for "
+                             "several nodes)")
+    here = machine_identity() if (args.rates or getattr(args, "calibrate", False)) else None
+    rates = read_rates(args.rates, here=here) if args.rates and not getattr(args, "calibrate", False) else Rates(
+        device_kind="gpu" if spec.total_gpus else "cpu")
+    plan = build_plan(spec, rates, check_data=check_data)
+    if getattr(args, "calibrate", False):
+        measured = calibrate(plan_workloads(plan), steps=args.calibrate_steps)
+        path = write_rates(args.rates or f"{spec.out}/table_rates.json", measured, here, {
+            "steps": args.calibrate_steps, "table": "demo" if spec.demo else "paper",
+            "what": "images/s per device of each workload's compute on random tensors (randomly initialised timm "
+                    "models, the stage's per-device batch); startup: seconds to import fastmeal's training modules"})
+        print(f"rates written to {path}", file=sys.stderr)
+        plan = build_plan(spec, read_rates(path, here=here), check_data=check_data)
+    return plan
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    """``fastmeal table plan|run|slurm|report``: bad input is one line and exit 2, before anything starts."""
+    if getattr(args, "calibrate", False):
+        # Before torch's import, as `fastmeal demo` does: on a CPU, spinning OpenMP threads starve each other and
+        # the timings would be several times slower than the stages (which the runner starts with it too).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from fastmeal.report import ReportError
+    from fastmeal.table.plan import TableError
+
+    _setup_logging()
+    try:
+        if args.verb == "report":
+            from fastmeal.table.report import write_table_report
+
+            report = write_table_report(args.out)
+            print(f"table report written to {report['markdown']} and {report['html']} (figure {report['figure']})")
+            return 0
+        plan = _table_plan(args, check_data=args.verb == "run")
+        if args.verb == "plan":
+            from fastmeal.table.plan import format_plan
+
+            print(json.dumps(plan.to_json(), indent=1) if args.json else format_plan(plan))
+            return 0
+        if args.verb == "slurm":
+            from fastmeal.table.slurm import write_slurm
+
+            for line in write_slurm(plan, args.slurm_dir or f"{args.out}/slurm"):
+                print(line)
+            return 0
+        from fastmeal.table.runner import run_table
+
+        return run_table(plan, replan=args.replan, status_every=args.status_every)
+    except (TableError, ReportError) as err:
+        return _report_user_error(err)
+
+
+def _add_table_parser(sub: argparse._SubParsersAction) -> None:
+    table = sub.add_parser("table", help="the paper's table in one command: plan, run (resumable), slurm, report")
+    verbs = table.add_subparsers(dest="verb", required=True)
+    helps = {"plan": "banks, which preset trains how and why, every stage's command, estimates, disk",
+             "run": "run the plan's stages on this node into --out (the same command continues a stopped table)",
+             "slurm": "write one sbatch script per stage, chained by afterok dependencies, and submit.sh",
+             "report": "the table beside the paper's numbers: table.md, table.html, table.png in OUT/report"}
+    for verb, text in helps.items():
+        p = verbs.add_parser(verb, help=text)
+        p.add_argument("--out", default="table_out", metavar="DIR", help="the table's folder (default table_out)")
+        if verb == "report":
+            continue
+        p.add_argument("--presets", action="append", default=[], metavar="A,B",
+                       help="rows to train (default: the eight paper presets; with --demo the demo's rows)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="config override for every stage, e.g. --set data.root=/datasets/imagenet")
+        p.add_argument("--demo", action="store_true", help="the CPU demo table: synthetic data, two tiny teachers")
+        p.add_argument("--nodes", type=int, default=1, help="nodes (estimates, slurm; run uses this node)")
+        p.add_argument("--gpus-per-node", type=int, metavar="N", help="default: this machine's GPUs (0: the CPU)")
+        p.add_argument("--gpus-per-stage", type=int, default=0, metavar="G",
+                       help="devices per stage (default: all); smaller runs independent stages side by side")
+        p.add_argument("--rates", metavar="FILE", help="measured rates (from --calibrate) for the estimates")
+        if verb == "plan":
+            p.add_argument("--calibrate", action="store_true",
+                           help="time each distinct stage here first; writes --rates FILE or OUT/table_rates.json")
+            p.add_argument("--calibrate-steps", type=int, default=24, metavar="N", help="timed steps per workload")
+            p.add_argument("--json", action="store_true", help="print the plan as JSON")
+        if verb == "run":
+            p.add_argument("--replan", action="store_true",
+                           help="OUT holds another plan: switch to this one, keeping finished stages that still fit")
+            p.add_argument("--status-every", type=float, default=60.0, metavar="S", help="seconds between status lines")
+        if verb == "slurm":
+            p.add_argument("--slurm-dir", metavar="DIR", help="where the scripts go (default OUT/slurm)")
+        p.set_defaults(func=cmd_table, on_interrupt="the running stages checkpointed: run the same fastmeal table "
+                       "command to continue")
+    verbs.choices["report"].set_defaults(func=cmd_table)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -410,6 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed of the dataset and of every training run")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(func=cmd_demo)
+
+    _add_table_parser(sub)
     return parser
 
 

@@ -134,6 +134,11 @@ def stop_requested() -> str | None:
     return _requests[0] if _requests else None
 
 
+def stop_requests() -> list[str]:
+    """Every stop request so far, in arrival order (a supervisor passes each new one on to its children)."""
+    return list(_requests)
+
+
 def raise_if_stopped() -> None:
     """Raise :class:`Stopped` when a stop was requested: the step boundary of every loop but the trainer's."""
     if _requests:

@@ -745,21 +745,32 @@ def _paper_lines(runs: Sequence[Run]) -> list[str]:
     return ["", *lines] if lines else []
 
 
+HTML_STYLE = ("<style>body{font-family:sans-serif;margin:2em;max-width:1700px}table{border-collapse:collapse;"
+              "margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:left}"
+              "th{background:#f2f2f2}img{max-width:100%;border:1px solid #eee}.warn{color:#a40}</style>")
+
+
+def html_table(header: Sequence[str], body: Iterable[Sequence[str]]) -> str:
+    """An HTML table of escaped text cells."""
+    esc = html.escape
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    cells = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in body)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>"
+
+
+def html_image(name: str, path: Path) -> str:
+    """A PNG inlined as a ``data:`` URI (the page opens from disk, alone)."""
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
+
+
 def render_html(runs: Sequence[Run], rows: list[dict[str, str]], diffs: Sequence[str],
                 figures: dict[str, Path], warnings: Sequence[str]) -> str:
     """One page that opens from disk: inline CSS, figures as ``data:`` URIs, no script, no link."""
     esc = html.escape
-
-    def table(header: Sequence[str], body: Iterable[Sequence[str]]) -> str:
-        head = "".join(f"<th>{esc(h)}</th>" for h in header)
-        cells = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in body)
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>"
-
+    table = html_table
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8"><title>fastmeal report</title>',
-             "<style>body{font-family:sans-serif;margin:2em;max-width:1700px}table{border-collapse:collapse;"
-             "margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:left}"
-             "th{background:#f2f2f2}img{max-width:100%;border:1px solid #eee}.warn{color:#a40}</style>",
-             "</head><body>", "<h1>fastmeal report</h1>",
+             HTML_STYLE, "</head><body>", "<h1>fastmeal report</h1>",
              "<p>Runs: " + ", ".join(f"<code>{esc(str(r.path))}</code>" for r in runs) + "</p>",
              table(list(rows[0]), [list(row.values()) for row in rows])]
     if diffs:
@@ -769,8 +780,6 @@ def render_html(runs: Sequence[Run], rows: list[dict[str, str]], diffs: Sequence
     if warnings:
         parts += ["<h2>Warnings</h2><ul>"] + [f'<li class="warn">{esc(w)}</li>' for w in warnings] + ["</ul>"]
     for name, path in figures.items():
-        data = base64.b64encode(path.read_bytes()).decode("ascii")
-        parts += [f"<h2>{esc(name.capitalize())}</h2>", f"<p>{esc(_CAPTIONS[name])}</p>",
-                  f'<img alt="{esc(name)}" src="data:image/png;base64,{data}">']
+        parts += [f"<h2>{esc(name.capitalize())}</h2>", f"<p>{esc(_CAPTIONS[name])}</p>", html_image(name, path)]
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"

@@ -40,7 +40,8 @@ def build_trainer(cfg: Config, *, dist: DistInfo | None = None, hooks: Sequence[
     lifecycle.raise_if_stopped()
     seed_everything(cfg.runtime.seed)
     # Built, not started: no loader thread or worker runs before the teachers' graphs are captured below.
-    train_loader = build_loader(cfg, "train", rank=dist.rank, world_size=dist.world_size, device=dist.device)
+    train_loader = build_loader(cfg, "train", rank=dist.rank, world_size=dist.world_size, device=dist.device,
+                                drop_single_last=True)
     val_loader = build_loader(cfg, "val", rank=dist.rank, world_size=dist.world_size, device=dist.device)
     check_loaders(cfg, train_loader, val_loader)  # before any model is built or loaded
     lifecycle.raise_if_stopped()

@@ -249,8 +249,9 @@ class Trainer:
     def _fit(self) -> dict[str, Any]:
         from fastmeal.checkpoint import atomic_write_bytes
 
-        if self.is_main and not (self._resume_changes is not None and (self.run_dir / "config.json").is_file()):
-            atomic_write_bytes(self.run_dir / "config.json", (self.cfg.to_json() + "\n").encode())  # the original
+        if self.is_main:
+            if self._resume_changes is None or not (self.run_dir / "config.json").is_file():  # keep the original
+                atomic_write_bytes(self.run_dir / "config.json", (self.cfg.to_json() + "\n").encode())
             self.checkpoints.clear_marker()
             self.checkpoints.report_disk_needs(_bytes(self.model.state_dict()), _bytes(self.model.student.state_dict()))
         self.writer = MetricsWriter(self.run_dir, enabled=self.is_main, tensorboard=self.cfg.logging.tensorboard)

@@ -239,11 +239,16 @@ _SIGNAL_AT = textwrap.dedent("""
         from fastmeal.trainer import Trainer
         step = Trainer.train_step
         Trainer.train_step = lambda self, batch: (self.global_step == 4 and send(), step(self, batch))[1]
-    elif moment == "save":  # inside the epoch-end save of epoch 0 (global step 3), before torch.save writes
+    elif moment == "save":  # inside epoch 0's first epoch-end save (global step 3), before torch.save writes
         from fastmeal import checkpoint
-        save = checkpoint.atomic_torch_save
-        checkpoint.atomic_torch_save = lambda obj, path, **kw: (path.name.endswith("3.pt") and send(),
-                                                                save(obj, path, **kw))[1]
+        save, sent = checkpoint.atomic_torch_save, []
+
+        def atomic_torch_save(obj, path, **kw):
+            if path.name.endswith("3.pt") and not sent:
+                sent.append(send())
+            return save(obj, path, **kw)
+
+        checkpoint.atomic_torch_save = atomic_torch_save
     else:  # "worker start": while the train loader's worker processes are being started
         from fastmeal.data import torchvision
         starting = torchvision.workers_starting

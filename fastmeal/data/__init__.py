@@ -92,7 +92,7 @@ def choose_backend(requested: str) -> str:
 
 
 def build_loader(cfg: Config, split: str, *, rank: int = 0, world_size: int = 1,
-                 device: torch.device | None = None) -> Loader:
+                 device: torch.device | None = None, drop_single_last: bool = False) -> Loader:
     """The loader of ``split`` ("train" or "val") for this rank.
 
     Args:
@@ -101,6 +101,8 @@ def build_loader(cfg: Config, split: str, *, rank: int = 0, world_size: int = 1,
             sample exactly once over all ranks).
         rank: this process's rank; ``world_size``: the number of ranks.
         device: where batches are delivered; ``None`` resolves ``runtime.device``.
+        drop_single_last: leave out a last train batch of one image per rank (a training run: BatchNorm cannot
+            train on it); the soft-label bank keeps it (another batch size may need its record).
 
     Returns:
         A :class:`Loader`. The per-rank batch is ``data.batch_size / world_size`` for train and
@@ -128,7 +130,7 @@ def build_loader(cfg: Config, split: str, *, rank: int = 0, world_size: int = 1,
         index = None
     loader = resolve(BACKENDS, backend)
     return loader(cfg, scanned, split, rank=rank, world_size=world_size, device=device, batch_size=batch_size,
-                  index=index)
+                  index=index, drop_single_last=drop_single_last and split == "train")
 
 
 def _shared_index(cfg: Config, split, *, rank: int, world_size: int) -> DatasetIndex:

@@ -49,7 +49,8 @@ class LoaderBase:
         return True
 
     def __init__(self, cfg: Config, split: Split, split_name: str, *, rank: int, world_size: int,
-                 device: torch.device, batch_size: int, index: DatasetIndex | None = None) -> None:
+                 device: torch.device, batch_size: int, index: DatasetIndex | None = None,
+                 drop_single_last: bool = False) -> None:
         self.device = device
         self.dtype = images_dtype(cfg, device)
         self.train = split_name == "train"
@@ -65,7 +66,7 @@ class LoaderBase:
         self.sampler = build_sampler(split_name, len(split), rank=rank, world_size=world_size, seed=cfg.runtime.seed)
         drop_last = self.train and cfg.data.last_batch == "drop"
         per_rank = len(self.sampler)
-        if self.train and not drop_last and per_rank % batch_size == 1 and per_rank > 1:
+        if drop_single_last and not drop_last and per_rank % batch_size == 1 and per_rank > 1:
             # BatchNorm cannot normalise one image in training mode ("Expected more than 1 value per channel").
             drop_last = True
             if rank == 0:

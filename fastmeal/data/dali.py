@@ -194,9 +194,10 @@ class DaliLoader(LoaderBase):
         return dali_available()
 
     def __init__(self, cfg: Config, split: Split, split_name: str, *, rank: int, world_size: int,
-                 device: torch.device, batch_size: int, index: DatasetIndex | None = None):
+                 device: torch.device, batch_size: int, index: DatasetIndex | None = None,
+                 drop_single_last: bool = False):
         super().__init__(cfg, split, split_name, rank=rank, world_size=world_size, device=device,
-                         batch_size=batch_size, index=index)
+                         batch_size=batch_size, index=index, drop_single_last=drop_single_last)
         self.cfg = cfg
         self.paths = split.paths
         self.labels = split.labels

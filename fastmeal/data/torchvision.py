@@ -252,9 +252,10 @@ class TorchvisionLoader(LoaderBase):
     backend = "torchvision"
 
     def __init__(self, cfg: Config, split: Split, split_name: str, *, rank: int, world_size: int,
-                 device: torch.device, batch_size: int, index: DatasetIndex | None = None):
+                 device: torch.device, batch_size: int, index: DatasetIndex | None = None,
+                 drop_single_last: bool = False):
         super().__init__(cfg, split, split_name, rank=rank, world_size=world_size, device=device,
-                         batch_size=batch_size, index=index)
+                         batch_size=batch_size, index=index, drop_single_last=drop_single_last)
         workers = clamp_workers(cfg.data.workers)
         if self.train:
             dataset: FolderDataset = PlannedDataset(index, seed=cfg.runtime.seed, image_size=cfg.data.image_size,
