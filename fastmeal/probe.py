@@ -382,7 +382,8 @@ class BatchedLBFGS:
     ``[L]`` and gradient ``[L, P]``. :meth:`step` is one ``LBFGS.step(closure)`` per row with torch's
     arithmetic and stopping rules applied row by row: a row that stops (its gradient, step or loss change
     under tolerance, or ``max_iter`` reached) keeps its parameters and state while the others go on.
-    Its history is a ring of ``history_size`` (y, s, 1/yᵀs) per row, filled only where ``yᵀs > 1e-10``
+    Its history holds the last ``history_size`` pairs (y, s, 1/yᵀs) per row in a ring (the oldest pair is
+    overwritten, as torch's ``pop(0)``, without moving the others), filled only where ``yᵀs > 1e-10``
     (torch's curvature test).
 
     Args:
@@ -401,6 +402,7 @@ class BatchedLBFGS:
         self.ys_hist = x.new_zeros(num, history_size, size)  # y = g_new - g_old
         self.ss_hist = x.new_zeros(num, history_size, size)  # s = t * d
         self.rho = x.new_zeros(num, history_size)  # 1 / yᵀs
+        self.oldest = torch.zeros(num, dtype=torch.long, device=x.device)  # ring slot of the oldest pair
         self.count = torch.zeros(num, dtype=torch.long, device=x.device)
         self.d = torch.zeros_like(x)
         self.t = x.new_zeros(num)
@@ -410,33 +412,32 @@ class BatchedLBFGS:
         self.n_iter = torch.zeros(num, dtype=torch.long, device=x.device)
 
     def _push(self, rows: torch.Tensor, y: torch.Tensor, s: torch.Tensor, ys: torch.Tensor) -> None:
-        full = rows[self.count[rows] == self.history_size]
-        if len(full):  # drop the oldest pair, as torch's pop(0)
-            self.ys_hist[full] = self.ys_hist[full].roll(-1, dims=1)
-            self.ss_hist[full] = self.ss_hist[full].roll(-1, dims=1)
-            self.rho[full] = self.rho[full].roll(-1, dims=1)
-            self.count[full] -= 1
-        slot = self.count[rows]
+        full = self.count[rows] == self.history_size
+        slot = (self.oldest[rows] + self.count[rows]) % self.history_size  # a full row's oldest slot
         self.ys_hist[rows, slot] = y[rows]
         self.ss_hist[rows, slot] = s[rows]
         self.rho[rows, slot] = 1.0 / ys[rows]
-        self.count[rows] += 1
+        self.oldest[rows] = torch.where(full, (self.oldest[rows] + 1) % self.history_size, self.oldest[rows])
+        self.count[rows] += (~full).long()
         self.h_diag[rows] = ys[rows] / (y[rows] * y[rows]).sum(1)
 
     def _direction(self, grad: torch.Tensor) -> torch.Tensor:
         """The two-loop recursion, ``-H·grad`` per row ``[L, P]``; pairs past a row's count weigh zero."""
-        used = int(self.count.max())
-        valid = torch.arange(self.history_size, device=grad.device)[None, :] < self.count[:, None]
-        rho = torch.where(valid, self.rho, torch.zeros_like(self.rho))
+        rows = torch.arange(grad.shape[0], device=grad.device)
+        pairs = []  # per age j (0 = oldest): (ring slot [L], rho [L], zero for rows with fewer pairs)
+        for j in range(int(self.count.max())):
+            slot = (self.oldest + j) % self.history_size
+            pairs.append((slot, torch.where(j < self.count, self.rho[rows, slot], torch.zeros_like(self.t))))
         q = grad.neg()
-        al = grad.new_zeros(grad.shape[0], self.history_size)
-        for i in range(used - 1, -1, -1):
-            al[:, i] = (self.ss_hist[:, i] * q).sum(1) * rho[:, i]
-            q -= al[:, i, None] * self.ys_hist[:, i]
+        al = [grad.new_zeros(0)] * len(pairs)
+        for j in range(len(pairs) - 1, -1, -1):
+            slot, rho = pairs[j]
+            al[j] = (self.ss_hist[rows, slot] * q).sum(1) * rho
+            q -= al[j][:, None] * self.ys_hist[rows, slot]
         r = q * self.h_diag[:, None]
-        for i in range(used):
-            be = (self.ys_hist[:, i] * r).sum(1) * rho[:, i]
-            r += self.ss_hist[:, i] * (al[:, i] - be)[:, None]
+        for j, (slot, rho) in enumerate(pairs):
+            be = (self.ys_hist[rows, slot] * r).sum(1) * rho
+            r += self.ss_hist[rows, slot] * (al[j] - be)[:, None]
         return r
 
     @torch.no_grad()
@@ -463,6 +464,7 @@ class BatchedLBFGS:
                 self.d = torch.where(later[:, None], self._direction(grad), self.d)
             if bool(first.any()):
                 self.count[first] = 0
+                self.oldest[first] = 0
                 self.h_diag[first] = 1.0
                 self.d = torch.where(first[:, None], grad.neg(), self.d)
             self.prev_grad = torch.where(active[:, None], grad, self.prev_grad)

@@ -255,14 +255,15 @@ def _reference_step_closure(linear, optimizer, feats, labels, lam, num_segments=
     return closure
 
 
-def test_batched_lbfgs_follows_torch_lbfgs_per_lambda():
+@pytest.mark.parametrize("history", [100, 4])  # 4: the oldest pairs are dropped from the 5th iteration on
+def test_batched_lbfgs_follows_torch_lbfgs_per_lambda(history):
     """All λ in one batched problem take the same iterates as torch.optim.LBFGS run on each λ alone (float64)."""
     feats, labels = _blobs(203, 6, 5, 4, spread=0.7)
     feats, lambdas = feats.double(), (1e-4, 1e-2, 1.0)
     x = initial_parameters(6, 5, len(lambdas), dtype=torch.float64)
     lam = torch.tensor(lambdas, dtype=torch.float64)
     weights = segment_weights(len(labels))
-    solver = BatchedLBFGS(x, lambda p: probe_objective(p, feats, labels, weights, lam, 5))
+    solver = BatchedLBFGS(x, lambda p: probe_objective(p, feats, labels, weights, lam, 5), history_size=history)
     for _ in range(3):
         solver.step()
     start = initial_parameters(6, 5, 1, dtype=torch.float64)[0]
@@ -271,7 +272,7 @@ def test_batched_lbfgs_follows_torch_lbfgs_per_lambda():
         with torch.no_grad():
             linear.weight.copy_(start[:30].view(5, 6))
             linear.bias.copy_(start[30:])
-        optimizer = torch.optim.LBFGS(linear.parameters())
+        optimizer = torch.optim.LBFGS(linear.parameters(), history_size=history)
         closure = _reference_step_closure(linear, optimizer, feats, labels, lam_i)
         for _ in range(3):
             optimizer.step(closure)
