@@ -423,10 +423,15 @@ class BatchedLBFGS:
 
     def _direction(self, grad: torch.Tensor) -> torch.Tensor:
         """The two-loop recursion, ``-H·grad`` per row ``[L, P]``; pairs past a row's count weigh zero."""
-        rows = torch.arange(grad.shape[0], device=grad.device)
-        pairs = []  # per age j (0 = oldest): (ring slot [L], rho [L], zero for rows with fewer pairs)
+        num = grad.shape[0]
+        # Rows that started together and stored every pair share their ring position: then a pair is a view
+        # ([:, slot]), not a gather (a copy of [L, P] per read, which made the batched fit slower than the
+        # one-by-one fit on the CPU).
+        shared = bool((self.oldest == self.oldest[0]).all())
+        rows = slice(None) if shared else torch.arange(num, device=grad.device)
+        pairs = []  # per age j (0 = oldest): (ring slot, rho [L], zero for rows with fewer pairs)
         for j in range(int(self.count.max())):
-            slot = (self.oldest + j) % self.history_size
+            slot = (int(self.oldest[0]) + j) % self.history_size if shared else (self.oldest + j) % self.history_size
             pairs.append((slot, torch.where(j < self.count, self.rho[rows, slot], torch.zeros_like(self.t))))
         q = grad.neg()
         al = [grad.new_zeros(0)] * len(pairs)

@@ -255,8 +255,8 @@ def _reference_step_closure(linear, optimizer, feats, labels, lam, num_segments=
     return closure
 
 
-@pytest.mark.parametrize("history", [100, 4])  # 4: the oldest pairs are dropped from the 5th iteration on
-def test_batched_lbfgs_follows_torch_lbfgs_per_lambda(history):
+@pytest.mark.parametrize(("history", "rotate"), [(100, False), (4, False), (4, True)])
+def test_batched_lbfgs_follows_torch_lbfgs_per_lambda(history, rotate):
     """All λ in one batched problem take the same iterates as torch.optim.LBFGS run on each λ alone (float64)."""
     feats, labels = _blobs(203, 6, 5, 4, spread=0.7)
     feats, lambdas = feats.double(), (1e-4, 1e-2, 1.0)
@@ -264,8 +264,14 @@ def test_batched_lbfgs_follows_torch_lbfgs_per_lambda(history):
     lam = torch.tensor(lambdas, dtype=torch.float64)
     weights = segment_weights(len(labels))
     solver = BatchedLBFGS(x, lambda p: probe_objective(p, feats, labels, weights, lam, 5), history_size=history)
-    for _ in range(3):
+    for step in range(3):
         solver.step()
+        if rotate and step == 0:
+            # Row 0's pairs moved one ring slot on in storage, the same pairs in the same order: the rows no longer
+            # share ring positions, so the per-row gather path runs (history 4: old pairs are also dropped).
+            for buffer in (solver.ys_hist, solver.ss_hist, solver.rho):
+                buffer[0] = buffer[0].roll(1, dims=0)
+            solver.oldest[0] = (solver.oldest[0] + 1) % history
     start = initial_parameters(6, 5, 1, dtype=torch.float64)[0]
     for i, lam_i in enumerate(lambdas):
         linear = torch.nn.Linear(6, 5).double()
