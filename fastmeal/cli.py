@@ -205,7 +205,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
         result = run_probe(backbone, args.data, args.out, realms=args.realms.split(",") if args.realms else None,
                            res=args.res, cache_dir=args.cache, batch_size=args.batch_size, workers=args.workers,
                            device=info.device, rank=info.rank, world_size=info.world_size,
-                           num_steps=args.steps, eval_every=args.eval_every, batched=not args.per_lambda,
+                           num_steps=args.steps, eval_every=args.eval_every,
+                           batched={"auto": None, "batched": True, "per-lambda": False}[args.solver],
                            progress=not args.no_progress)
     finally:
         shutdown()
@@ -306,8 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     probe.add_argument("--steps", type=int, default=1000, help="L-BFGS steps per penalty (the protocol: 1000)")
     probe.add_argument("--eval-every", type=int, default=100, help="val/test accuracy every N steps (protocol: 100)")
-    probe.add_argument("--per-lambda", action="store_true", help="fit the penalties one after the other instead "
-                       "of as one batched problem (same algorithm)")
+    probe.add_argument("--solver", default="auto", choices=("auto", "batched", "per-lambda"),
+                       help="fit all penalties as one batched problem or one after the other (same steps); auto: "
+                       "batched on a GPU and for small problems on the CPU")
     probe.add_argument("--no-progress", action="store_true")
     probe.set_defaults(func=cmd_probe, preload=TRAINING)
 

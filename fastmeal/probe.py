@@ -12,7 +12,7 @@ ZhangYuanhan-AI/OmniBenchmark): ``torch.optim.LBFGS`` with its defaults (lr 1, 2
 the mean cross-entropies of 10 consecutive segments of the train features plus ``λ·‖W‖`` (the norm of
 the weight, not its square; the bias is not penalised). Here all λ of a realm run as one batched
 problem (:class:`BatchedLBFGS`: one L-BFGS state per λ, the same arithmetic as torch's, one tensor op
-over all λ instead of one Python loop each); ``batched=False`` runs them one by one.
+over all λ instead of one Python loop each) where that was measured faster, else one by one.
 
 Two numbers per realm:
 
@@ -67,6 +67,10 @@ PROBE_SPLITS = ("train", "val", "test")
 PAPER_TOP1 = {"resnet50": 36.6}
 PAPER_RES = 224
 CACHE_FORMAT = 1  # the feature cache file's layout; another value is extracted again
+# Above this much L-BFGS history (all λ together) the batched fit ran slower than one λ at a time on the CPU
+# (benchmarks/results/probe_fit_cpu-2core.json: 6x faster at 12 MB, 0.6x at 143 MB; the per-λ history stays in
+# the CPU's caches). On a GPU the batched fit is chosen always (fewer kernel launches; unmeasured).
+_CPU_BATCHED_HISTORY_BYTES = 64 << 20
 _LOGIT_BUDGET = 1 << 25  # logits held at once by the closure (L x samples x C), to bound its memory
 
 
@@ -564,21 +568,26 @@ def initial_parameters(num_features: int, num_classes: int, num: int, *, seed: i
 
 def fit_probe(train: tuple[torch.Tensor, torch.Tensor], evals: dict[str, tuple[torch.Tensor, torch.Tensor]],
               num_classes: int, *, lambdas: tuple[float, ...] = LAMBDAS, num_steps: int = NUM_STEPS,
-              eval_every: int = EVAL_EVERY, batched: bool = True, device: torch.device | None = None,
+              eval_every: int = EVAL_EVERY, batched: bool | None = None, device: torch.device | None = None,
               seed: int = 0, progress: bool = False, desc: str = "L-BFGS") -> dict[str, Any]:
     """Fit one linear probe per λ and record val/test accuracy every ``eval_every`` steps.
 
     Args:
         train: ``(features [N, d], labels [N])``; evals: split name → ``(features, labels)``.
         num_classes: C; lambdas: the penalties; num_steps: L-BFGS ``step()`` calls.
-        batched: all λ as one :class:`BatchedLBFGS` problem; False: one after the other.
+        batched: all λ as one :class:`BatchedLBFGS` problem; False: one after the other; None: batched on a
+            GPU, and on the CPU while the history of all λ fits in ``_CPU_BATCHED_HISTORY_BYTES``.
         device: where the fit runs (default: the features' device).
 
     Returns:
         ``steps`` (the evaluated step numbers), ``lambdas``, and per eval split ``<split>_top1`` and
-        ``<split>_mean_class`` as ``[L, K]`` float64 CPU tensors (K evaluations), plus ``seconds``.
+        ``<split>_mean_class`` as ``[L, K]`` float64 CPU tensors (K evaluations), plus ``seconds`` and
+        ``solver`` (``batched`` or ``per-lambda``).
     """
     device = device or train[0].device
+    if batched is None:
+        history_bytes = 2 * 100 * len(lambdas) * (train[0].shape[1] + 1) * num_classes * 4
+        batched = device.type == "cuda" or history_bytes <= _CPU_BATCHED_HISTORY_BYTES
     features, labels = train[0].to(device, torch.float32), train[1].to(device)
     evals = {k: (f.to(device, torch.float32), y.to(device)) for k, (f, y) in evals.items()}
     weights = segment_weights(len(labels)).to(device, torch.float32)
@@ -604,7 +613,8 @@ def fit_probe(train: tuple[torch.Tensor, torch.Tensor], evals: dict[str, tuple[t
                     out[f"{name}_top1"][group, k] = top1.double().cpu()
                     out[f"{name}_mean_class"][group, k] = mean_class.double().cpu()
     bar.close()
-    return {"steps": steps, "lambdas": list(lambdas), **out, "seconds": time.perf_counter() - start}
+    return {"steps": steps, "lambdas": list(lambdas), **out, "seconds": time.perf_counter() - start,
+            "solver": "batched" if batched else "per-lambda"}
 
 
 def select(history: dict[str, Any]) -> dict[str, Any]:
@@ -645,7 +655,7 @@ def run_probe(backbone: Backbone, data_dir: str | os.PathLike, out_dir: str | os
               realms: list[str] | None = None, res: int = 224, cache_dir: str | os.PathLike | None = None,
               batch_size: int = 128, workers: int = 2, device: torch.device | None = None, rank: int = 0,
               world_size: int = 1, lambdas: tuple[float, ...] = LAMBDAS, num_steps: int = NUM_STEPS,
-              eval_every: int = EVAL_EVERY, batched: bool = True, progress: bool = True) -> dict[str, Any]:
+              eval_every: int = EVAL_EVERY, batched: bool | None = None, progress: bool = True) -> dict[str, Any]:
     """Probe ``backbone`` on every realm of ``data_dir``; rank 0 writes ``probe.json`` and ``probe.md`` to ``out_dir``.
 
     Returns:
@@ -680,7 +690,7 @@ def run_probe(backbone: Backbone, data_dir: str | os.PathLike, out_dir: str | os
         results[realm.name] = {
             "layout": realm.layout, "num_classes": len(realm.classes),
             "sizes": {s: len(realm.splits[s]) for s in PROBE_SPLITS}, **chosen,
-            "features_from_cache": from_cache, "fit_seconds": history["seconds"],
+            "features_from_cache": from_cache, "fit_seconds": history["seconds"], "solver": history["solver"],
             "curves": {"steps": history["steps"], "lambdas": history["lambdas"],
                        **{k: history[k].tolist() for k in ("val_top1", "test_top1", "test_mean_class")}}}
         log.info("realm %s: C=%d, clean top-1 %.2f%% (λ=%g, step %d, chosen on val), omnibench %.2f%% (best on test); "
@@ -696,7 +706,7 @@ def run_probe(backbone: Backbone, data_dir: str | os.PathLike, out_dir: str | os
               "mean_mean_class_acc_clean": mean["mean_class_acc_clean"],
               "paper": paper_figure(backbone.tag, backbone.weights, res),
               "protocol": {"lambdas": list(lambdas), "steps": num_steps, "eval_every": eval_every,
-                           "segments": NUM_SEGMENTS, "solver": "batched" if batched else "per-lambda",
+                           "segments": NUM_SEGMENTS,
                            "resize": "short side bicubic, centre crop"},
               "device": str(device), "world_size": world_size, "seconds": time.perf_counter() - start}
     out = Path(out_dir)
