@@ -429,8 +429,7 @@ class BatchedLBFGS:
         """The two-loop recursion, ``-H·grad`` per row ``[L, P]``; pairs past a row's count weigh zero."""
         num = grad.shape[0]
         # Rows that started together and stored every pair share their ring position: then a pair is a view
-        # ([:, slot]), not a gather (a copy of [L, P] per read, which made the batched fit slower than the
-        # one-by-one fit on the CPU).
+        # ([:, slot]), not a gather (a copy of [L, P] per read).
         shared = bool((self.oldest == self.oldest[0]).all())
         rows = slice(None) if shared else torch.arange(num, device=grad.device)
         pairs = []  # per age j (0 = oldest): (ring slot, rho [L], zero for rows with fewer pairs)
