@@ -10,9 +10,10 @@ import logging
 import os
 import sys
 import traceback
+from pathlib import Path
 
 from fastmeal import lifecycle
-from fastmeal.config import PRESETS, ConfigError, build_config, parse_set_args, to_toml
+from fastmeal.config import PRESETS, ConfigError, RuntimeConfig, build_config, parse_set_args, to_toml
 from fastmeal.registry import BACKENDS
 
 
@@ -418,6 +419,31 @@ def _add_table_parser(sub: argparse._SubParsersAction) -> None:
     verbs.choices["report"].set_defaults(func=cmd_table)
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    from fastmeal.distributed import init_distributed, shutdown
+    from fastmeal.models.backbone import build_backbone
+    from fastmeal.probe import run_probe
+
+    _setup_logging()
+    info = init_distributed(args.device, timeout_s=RuntimeConfig.dist_timeout_s)
+    try:
+        backbone = build_backbone(args.model, weights=args.weights, random_init=args.random_init)
+        result = run_probe(backbone, args.data, args.out, realms=args.realms.split(",") if args.realms else None,
+                           res=args.res, cache_dir=args.cache, batch_size=args.batch_size, workers=args.workers,
+                           device=info.device, rank=info.rank, world_size=info.world_size,
+                           num_steps=args.steps, eval_every=args.eval_every,
+                           batched={"auto": None, "batched": True, "per-lambda": False}[args.solver],
+                           progress=not args.no_progress)
+    finally:
+        shutdown()
+    if info.is_main:
+        print(Path(args.out, "probe.md").read_text(), end="")
+        paper = f" (paper: {result['paper']:.1f})" if result["paper"] is not None else ""
+        print(f"average top-1 over {len(result['realms'])} realm(s): clean {result['mean_top1_clean']:.2f}%, "
+              f"omnibench {result['mean_top1_omnibench']:.2f}%{paper}; written to {args.out}/probe.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastmeal", description="Fast, faithful MEAL V2 distillation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -522,6 +548,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(fetch)
     fetch.add_argument("--out", required=True, metavar="DIR", help="folder to download into (HF cache layout)")
     fetch.set_defaults(func=cmd_weights_fetch)
+    probe = sub.add_parser("probe", help="transfer: linear probe of frozen features on realms (OmniBenchmark protocol)")
+    probe.add_argument("--model", required=True, metavar="TAG", help="timm tag of the backbone, e.g. resnet50")
+    probe.add_argument("--weights", metavar="FILE", help="weights file (a fastmeal student, a released MEAL V2 file); "
+                       "default: the tag's pretrained weights")
+    probe.add_argument("--random-init", action="store_true", help="random weights (seed 0): the baseline to beat")
+    probe.add_argument("--data", required=True, metavar="DIR", help="folder of realms: each with train/ val/ test/ "
+                       "(ImageFolder) or train.txt val.txt test.txt ('relative/path label', OmniBenchmark)")
+    probe.add_argument("--realms", metavar="A,B,...", help="only these realms (default: every realm in DIR)")
+    probe.add_argument("--res", type=int, default=224, metavar="S", help="resize short side to S, centre crop S")
+    probe.add_argument("--out", default="probe_out", metavar="DIR", help="where probe.json and probe.md go")
+    probe.add_argument("--cache", metavar="DIR", help="feature cache (default $XDG_CACHE_HOME/fastmeal/probe)")
+    probe.add_argument("--batch-size", type=int, default=128, help="images per extraction batch (per rank)")
+    probe.add_argument("--workers", type=int, default=2, help="loader worker processes per rank")
+    probe.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    probe.add_argument("--steps", type=int, default=1000, help="L-BFGS steps per penalty (the protocol: 1000)")
+    probe.add_argument("--eval-every", type=int, default=100, help="val/test accuracy every N steps (protocol: 100)")
+    probe.add_argument("--solver", default="auto", choices=("auto", "batched", "per-lambda"),
+                       help="fit all penalties as one batched problem or one after the other (same steps); auto: "
+                       "batched on a GPU and for small problems on the CPU")
+    probe.add_argument("--no-progress", action="store_true")
+    probe.set_defaults(func=cmd_probe)
 
     demo = sub.add_parser("demo", help="end to end on the CPU: synthetic data, two teachers, a baseline, MEAL V2")
     demo.add_argument("--out", default="demo_out", help="output folder (default demo_out)")

@@ -253,7 +253,9 @@ class TorchvisionLoader(LoaderBase):
 
     def __init__(self, cfg: Config, split: Split, split_name: str, *, rank: int, world_size: int,
                  device: torch.device, batch_size: int, index: DatasetIndex | None = None,
-                 drop_single_last: bool = False):
+                 drop_single_last: bool = False, transform: transforms.Compose | None = None):
+        """``transform``: a val loader's own PIL → ``[3,S,S]`` transform instead of the SPEC eval transform
+        (the transfer probe's bicubic resize and its model's normalisation); None for train."""
         super().__init__(cfg, split, split_name, rank=rank, world_size=world_size, device=device,
                          batch_size=batch_size, index=index, drop_single_last=drop_single_last)
         workers = clamp_workers(cfg.data.workers)
@@ -265,8 +267,8 @@ class TorchvisionLoader(LoaderBase):
                                                                   num_samples=self.num_samples)
             order = {"batch_sampler": self._batches}
         else:
-            dataset = FolderDataset(split, build_transform("val", cfg.data.image_size, cfg.data.resolved_eval_resize),
-                                    skip_corrupt=cfg.data.skip_corrupt)
+            transform = transform or build_transform("val", cfg.data.image_size, cfg.data.resolved_eval_resize)
+            dataset = FolderDataset(split, transform, skip_corrupt=cfg.data.skip_corrupt)
             self._batches = None
             order = {"sampler": self.sampler, "batch_size": batch_size}
         # DataLoader workers are forked, as in the reference. A child forked while a DALI pipeline's threads
