@@ -667,6 +667,24 @@ class Checkpointer:
                 log.warning("renamed the damaged checkpoint %s to %s", bad.name, self.manager.set_aside(bad).name)
         return path, state
 
+    def accept_config(self, state: dict[str, Any], cfg: Any, *, allowed: frozenset[str] = frozenset()) -> list[Any]:
+        """The changes of config from ``state``'s to ``cfg`` that a resume accepts (logged); raises on the others.
+
+        A change of what the run computes is refused unless ``allowed`` names it (``--allow-changed``,
+        :func:`fastmeal.config.check_resume_config`); a batch size only changes at an epoch's start.
+        """
+        from fastmeal.config import Config, ConfigError, check_resume_config
+
+        old = Config.from_dict(json.loads(state["config"]))
+        changes = check_resume_config(old, cfg, allowed=allowed)
+        if int(state["step_in_epoch"]) and old.data.batch_size != cfg.data.batch_size:
+            raise ConfigError(f"data.batch_size: {old.data.batch_size} -> {cfg.data.batch_size} can only take "
+                              f"effect at an epoch's start, and the checkpoint is at step {state['step_in_epoch']} of "
+                              f"epoch {state['epoch']}: resume with the old batch size to the epoch's end first")
+        for change in changes:
+            log.warning("resume: %s (accepted; from global step %d)", change, int(state["global_step"]))
+        return changes
+
     def _start_over(self) -> None:
         metrics = self.run_dir / "metrics.jsonl"
         if self.dist.is_main and metrics.is_file() and metrics.stat().st_size:

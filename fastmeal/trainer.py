@@ -483,21 +483,6 @@ class Trainer:
         state = {**self.training_state(), "top1": top1, "is_best": is_best, "epoch_record": record}
         return self.checkpoints.save(state)
 
-    def _check_config(self, state: dict[str, Any], allowed: frozenset[str]) -> list[Any]:
-        import json
-
-        from fastmeal.config import ConfigError, check_resume_config
-
-        old = Config.from_dict(json.loads(state["config"]))
-        changes = check_resume_config(old, self.cfg, allowed=allowed)
-        if int(state["step_in_epoch"]) and old.data.batch_size != self.cfg.data.batch_size:
-            raise ConfigError(f"data.batch_size: {old.data.batch_size} -> {self.cfg.data.batch_size} can only take "
-                              f"effect at an epoch's start, and the checkpoint is at step {state['step_in_epoch']} of "
-                              f"epoch {state['epoch']}: resume with the old batch size to the epoch's end first")
-        for change in changes:
-            log.warning("resume: %s (accepted; from global step %d)", change, int(state["global_step"]))
-        return changes
-
     def load_training_state(self, state: dict[str, Any], *, source: str = "checkpoint") -> None:
         """Restore what :meth:`training_state` saved (models, optimiser, scaler, position, RNG)."""
         load_state_dict_checked(self.model.student, state["student"], source=f"{source} (student)")
@@ -542,7 +527,7 @@ class Trainer:
         path, state = self.checkpoints.resume(spec)
         if state is None:
             return None
-        self._resume_changes = self._check_config(state, allowed)
+        self._resume_changes = self.checkpoints.accept_config(state, self.cfg, allowed=allowed)
         self.load_training_state(state, source=str(path))
         self.checkpoints.repair(path, state)
         log.info("resumed from %s: epoch %d, step %d in the epoch, global step %d", path, self.epoch,
