@@ -43,7 +43,9 @@ def pytest_collection_modifyitems(config, items):
     skip_dali = pytest.mark.skip(reason="needs DALI (pip install nvidia-dali-cuda120; on the GPU machine, stage it)")
     has_cuda, has_dali = torch.cuda.is_available(), _dali_available()
     for item in items:
-        if "gpu" in item.keywords and not has_cuda:
+        # get_closest_marker, not `"gpu" in item.keywords`: keywords also hold the names of the folders above the
+        # test, so a checkout in a folder called gpu (or dali) would skip every test.
+        if item.get_closest_marker("gpu") and not has_cuda:
             item.add_marker(skip_gpu)
-        if "dali" in item.keywords and not has_dali:
+        if item.get_closest_marker("dali") and not has_dali:
             item.add_marker(skip_dali)
