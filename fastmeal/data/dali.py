@@ -68,6 +68,7 @@ from fastmeal.data.common import (
     DataError,
     LoaderBase,
     Split,
+    host_to_device,
     load_rgb,
     next_decodable,
 )
@@ -212,7 +213,7 @@ class DaliLoader(LoaderBase):
             batch, images = self._run()
             assert (batch.epoch, batch.index) == (epoch, index), "DALI delivered batches out of plan"
             labels = torch.tensor([self.labels[self.substitutes.get(i, i)] for i in batch.samples], dtype=torch.int64)
-            yield images, labels.to(self.device, non_blocking=True)
+            yield images, host_to_device(labels, self.device)
 
     # -- planning: which paths (and crop windows) the external source feeds --------------------
 
