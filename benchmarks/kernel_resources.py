@@ -4,7 +4,8 @@ Triton compiles ahead of time for any target: ``triton.compile(ASTSource(...), t
 32))`` lowers a kernel to PTX and assembles it with the ``ptxas`` shipped in the triton wheel; the
 ``cuobjdump`` shipped next to it reads the cubin's resource usage. This script compiles every variant the
 launchers (``launch_config`` in ``kernels/ensemble_kd.py`` and ``kernels/topk_soft_ce.py``) can choose, for
-sm_80 (A100), sm_90 (H100/H200) and sm_100 (B200), and writes one row per variant:
+sm_80 (A100), sm_90 (H100/H200) and sm_100 (B200), and writes a summary per kernel and arch (``rows``: the
+table of benchmarks/README.md) and one row per variant (``details``):
 
     kernel, arch, K, BLOCK, num_warps, dtypes, the class counts it serves, registers per thread,
     stack bytes (ptxas puts only spilled registers there in these kernels: they have no local arrays
@@ -215,12 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     doc = harness.write_result(args.json, benchmark="kernel_resources", device="cpu",
                                settings={"archs": args.archs, "ensemble_ks": ENSEMBLE_KS, "topk_ks": TOPK_KS,
                                          "class_probes": CLASS_PROBES, "wall_s": round(wall, 1)},
-                               rows=rows, notes=notes)
-    doc["summary"] = summary(rows)
-    harness.print_table(doc["summary"], ["kernel", "arch", "variants", "failed", "max_registers", "max_shared",
-                                         "spilling", "spills_at"])
-    for note in notes:
-        print("note:", note)
+                               rows=summary(rows), details=rows, notes=notes)
+    harness.report(doc, ["kernel", "arch", "variants", "failed", "max_registers", "max_shared", "spilling",
+                         "spills_at"])
     failed = [r for r in rows if r["status"] != "ok"]
     for r in failed[:5]:
         print("FAILED:", r["kernel"], f"sm_{r['arch']}", r["K"], r["BLOCK"], r["num_warps"], r["dtypes"], r["error"])

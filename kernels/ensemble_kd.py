@@ -27,10 +27,10 @@ import triton.language as tl
 from torch import Tensor
 
 #: Rows up to this many classes (rounded up to a power of two) are processed as a single block. Wider fused
-#: blocks spilled registers (4,096 from 7 teachers on, 8,192 from 4; benchmarks/results/kernel_resources.json).
+#: blocks spilled registers (4,096 from 7 teachers on, 8,192 from 4, in a first run of benchmarks/kernel_resources.py).
 MAX_FUSED_BLOCK = 2048
 #: Block width of the two-pass online-softmax path used for wider rows (e.g. ImageNet-21k's 21,843); 2,048 at
-#: 8 warps spilled a few bytes on sm_90/sm_100 from 2 or 6 teachers on, 1,024 at 8 warps at none.
+#: 8 warps spilled a few bytes on sm_100 with 2 teachers, 1,024 only with 7 (8 bytes, sm_80).
 LOOP_BLOCK = 1024
 #: Narrowest block: a row narrower than the 128 threads of 4 warps leaves threads idle whatever the block, and
 #: fewer distinct blocks are fewer variants to compile (tests/test_kernel_compile.py compiles every one).
@@ -156,7 +156,8 @@ def _num_warps(block: int) -> int:
     """Warps per row program, from ptxas's register counts of every variant (benchmarks/kernel_resources.py).
 
     4 warps for a 1,024 block spilled a few bytes on sm_90 with 3-4 teachers; with 8 warps each thread holds
-    at most 8 fp32 values per row vector (p, t_sum, log_q, ...) and no variant spills.
+    at most 8 fp32 values per row vector (p, t_sum, log_q, ...), and the only spill left is 8 bytes with 7
+    teachers on sm_80's two-pass kernel.
     """
     return 4 if block <= 512 else 8
 

@@ -51,8 +51,9 @@ def _decoded_row(cols, mask, p_row, i_row, num_classes, K: tl.constexpr):
     """The decoded target over one block of columns, and its uniform share ``u`` of the rest.
 
     The K loops are not unrolled (``range``, not ``tl.static_range``): unrolled, ptxas kept all 2K loaded
-    values live and spilled registers from K=32 on (sm_100: K=64 at ImageNet-1k's block); looped, no
-    variant spills (benchmarks/results/kernel_resources.json). Each pass re-reads the row's K values (cached).
+    values live and spilled registers from K=32 on (sm_100: K=64 at ImageNet-1k's block); looped, only K=64
+    at the 2,048 block spills 8 bytes (benchmarks/results/kernel_resources.json). Each pass re-reads the row's
+    K values (cached).
     """
     p_sum = 0.0
     for k in range(K):

@@ -33,7 +33,7 @@ def table(tmp_path_factory):
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "kernel_resources.py"), "--json", str(out)],
                           capture_output=True, text=True, env=env, timeout=1200)
     assert out.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc, json.loads(out.read_text())["rows"]
+    return proc, json.loads(out.read_text())["details"]
 
 
 def test_the_variants_are_the_launchers_choices():
