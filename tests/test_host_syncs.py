@@ -30,11 +30,6 @@ def files(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cuda_bank(files, tmp_path_factory):
-    return build_bank_for(files, tmp_path_factory.mktemp("bank-cuda") / "bank", "cuda")
-
-
-@pytest.fixture(scope="module")
 def sleep_cycles():
     """``torch.cuda._sleep`` cycles for about ``QUEUED_S`` of GPU time on this GPU (its clock, measured)."""
     cycles = 50_000_000
@@ -111,10 +106,11 @@ def test_gpu_next_batch_returns_before_queued_work(files, tmp_path, backend, sle
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", MODES)
-def test_gpu_whole_step_returns_before_queued_work(files, cuda_bank, tmp_path, mode, sleep_cycles):
+def test_gpu_whole_step_returns_before_queued_work(files, tmp_path, mode, sleep_cycles):
     """The default config's step (compiled, AMP, Triton loss): fetching and launching make no host sync."""
     torch._dynamo.reset()
-    trainer = mode_trainer(files, tmp_path / "run", "cuda", mode, cuda_bank)
+    bank = build_bank_for(files, tmp_path / "bank", "cuda") if mode == "bank" else None
+    trainer = mode_trainer(files, tmp_path / "run", "cuda", mode, bank)
     stream = batches(trainer)
     for _ in range(3):  # compile, capture and autotune happen here, not in the timed step
         trainer.train_step(*next(stream))
