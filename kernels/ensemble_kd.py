@@ -155,11 +155,11 @@ def _ensemble_kd_looped_kernel(
 def _num_warps(block: int) -> int:
     """Warps per row program, from ptxas's register counts of every variant (benchmarks/kernel_resources.py).
 
-    4 warps for a 1,024 block spilled a few bytes on sm_90 with 3-4 teachers; with 8 warps each thread holds
-    at most 8 fp32 values per row vector (p, t_sum, log_q, ...), and the only spill left is 8 bytes with 7
-    teachers on sm_80's two-pass kernel.
+    4 warps spilled a few bytes on sm_90 for a 1,024 block with 3-4 teachers (triton 3.8) and for a 512 block
+    with 4 fp16/bf16 teachers (triton 3.6); with 8 warps each thread holds at most 8 fp32 values per row
+    vector (p, t_sum, log_q, ...) and neither spills.
     """
-    return 4 if block <= 512 else 8
+    return 4 if block <= 256 else 8
 
 
 def launch_config(num_classes: int, num_teachers: int, max_fused_block: int = MAX_FUSED_BLOCK,
