@@ -20,6 +20,13 @@ weights, the same per-device batch, the same JPEG files and the same CPU threads
   as the bank loader does, and the loss is ``bank_meal_v2_loss(impl="auto")`` (the sparse-target kernel on
   CUDA). The records are random (speed does not depend on their values); MFU counts the student only.
 
+A fastmeal row whose compiled step fell back to eager (``trainer.compiled`` turned False during the run)
+is not a result: its speed columns are None, ``failure`` gives the cause (``trainer.compile_failure`` when
+the trainer records it), the summary prints it as FAILED and the script exits with status 1.
+``cold_s`` is the time from building the run to the end of its first step: the loader's start, the
+student's torch.compile and, on CUDA, its autotuning (the teachers' CUDA graphs are captured before any
+run; ``settings.teacher_build_s`` gives that time).
+
 Every mode runs under the same ``cudnn.benchmark`` (``--cudnn-benchmark``, on by default, as ``fastmeal
 train`` sets it).
 
@@ -100,7 +107,11 @@ PHASES = ("data", "teachers", "student_fwd", "loss", "backward", "optimizer")
 COLUMNS = ["mode", "batch", "loader", "images_per_s", "speedup_vs_ref", "step_images_per_s", "step_speedup_vs_ref",
            "data_wait_pct", "data_stall_pct", "mfu_pct", "peak_mib", *(f"ms_{p}" for p in (*PHASES, "other"))]
 SUMMARY_COLUMNS = ["mode", "batch", "loader", "images_per_s", "speedup_vs_ref", "step_images_per_s", "data_wait_pct",
-                   "mfu_pct"]
+                   "mfu_pct", "cold_s"]
+# What a failed row does not report: every measured speed (a fallen-back step's speed is not the product's).
+SPEED_COLUMNS = ("images_per_s", "speedup_vs_ref", "step_images_per_s", "step_speedup_vs_ref", "data_wait_pct",
+                 "data_stall_pct", "mfu_pct", "images_per_s_median", "images_per_s_min", "images_per_s_max",
+                 "step_mfu_pct", *(f"ms_{p}" for p in (*PHASES, "other", "total")))
 
 # Per-image forward GFLOP at 224 px from the SPEC ("Compute per training image"), printed next to our
 # own count at full size as a cross-check of FlopCounterMode.
@@ -439,11 +450,19 @@ class FastmealRun:
                                run_dir=run_dir)
         self.trainer.model.train()
         self.mode = mode
+        self.compile_requested = self.trainer.compiled
 
     @property
     def compiled(self) -> bool:
         """Whether the student's step is compiled now (False after a compile failure fell back to eager)."""
         return self.trainer.compiled
+
+    def failure(self) -> str | None:
+        """Why this run is not a result (its compiled step fell back to eager), or None."""
+        if not self.compile_requested or self.trainer.compiled:
+            return None
+        cause = getattr(self.trainer, "compile_failure", None) or "the cause is in the warning logged above"
+        return f"the compiled step fell back to eager: {cause}"
 
     def step(self, images: Tensor, labels: Tensor) -> None:
         """One product step: teachers, student forward, loss, backward, optimiser (no host sync)."""
@@ -534,8 +553,11 @@ def measure(run: Any, size: Size, batch: int, device: torch.device, flops_per_im
     stream = endless(run.loader, device)
     phases: dict[str, float] = {}
     try:
-        for i in range(size.warmup):
-            if i and left() < 0:
+        run.step(*next(stream))  # the cold step: the loader starts, torch.compile compiles (and autotunes)
+        harness.sync(device)
+        cold_done = time.perf_counter()
+        for i in range(1, size.warmup):
+            if left() < 0:
                 truncated.append(f"warm-up {i} of {size.warmup} steps")
                 break
             run.step(*next(stream))
@@ -583,7 +605,7 @@ def measure(run: Any, size: Size, batch: int, device: torch.device, flops_per_im
                 "images_per_s_max": max(rates),
                 "step_mfu_pct": 100 * flops_per_image * step_rate / peak_flops if step_rate else None,
                 "timed_steps": steps_per_repeat * len(repeats), "student_compiled": run.compiled,
-                "truncated": truncated or None})
+                "truncated": truncated or None, "cold_done": cold_done})
     return row
 
 
@@ -615,7 +637,7 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
     reference = {r["batch"]: r for r in rows if r["mode"] == "reference"}
     for row in rows:
         ref = reference.get(row["batch"])
-        if ref is not None:
+        if ref is not None and row["images_per_s"] and ref["images_per_s"]:  # a FAILED row has no speed
             row["speedup_vs_ref"] = row["images_per_s"] / ref["images_per_s"]
             if row["step_images_per_s"] and ref["step_images_per_s"]:
                 row["step_speedup_vs_ref"] = row["step_images_per_s"] / ref["step_images_per_s"]
@@ -647,6 +669,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=0.0,
                         help="finish within this many seconds (0: no limit): a run that would not fit is not "
                              "started, and a run is shortened rather than overrun (its row says what was cut)")
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                        help="runtime.compile of the fastmeal and bank modes (fastmeal_eager is always off)")
+    parser.add_argument("--inject-compile-error", action="store_true",
+                        help="make Inductor's generated code fail to compile (torch's own testing switch "
+                             "inject_relu_bug_TESTING_ONLY) and compile=on: proves a fallen-back row is FAILED")
     parser.add_argument("--summary", metavar="JSON", help="print the short table of a result file and exit")
     return parser.parse_args(argv)
 
@@ -664,6 +691,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print_summary(args.summary)
         return {}
     size = QUICK if args.quick else FULL
+    if args.inject_compile_error:
+        import torch._inductor.config as inductor_config
+
+        args.compile = "on"
+        inductor_config.cpp.inject_relu_bug_TESTING_ONLY = "compile_error"
+        inductor_config.triton.inject_relu_bug_TESTING_ONLY = "compile_error"
     overrides = {k: v for k, v in (("steps", args.steps), ("warmup", args.warmup)) if v is not None}
     if args.batches:
         overrides["batches"] = tuple(args.batches)
@@ -733,13 +766,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         discriminator0 = build_discriminator(cfg)
         teachers0 = [create_model(t.tag, num_classes=num_classes, what=f"model.teachers[{i}]")
                      for i, t in enumerate(cfg.model.teachers)]
-        ref_teachers = fm_teachers = None
+        ref_teachers = fm_teachers = teacher_build_s = None
         if "reference" in modes:
             ref_teachers = [copy.deepcopy(t).to(device).eval().requires_grad_(False) for t in teachers0]
         if {"fastmeal", "fastmeal_eager"} & set(modes):
             # Every batch's graphs are captured now, before any loader runs (as `fastmeal train` does).
+            start = time.perf_counter()
             fm_teachers = build_teachers(cfg, device, models=[copy.deepcopy(t) for t in teachers0],
                                          batch_sizes=size.batches)
+            teacher_build_s = time.perf_counter() - start
         del teachers0
 
         settings: dict[str, Any] = {
@@ -753,6 +788,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "fastmeal_optim_impl": cfg.optim.impl, "reference": "ImageFolder+PIL DataLoader, fp32 NCHW, DataParallel "
             "on CUDA, reference_meal_v2_loss, torch default SGD, loss.item() per step",
             "teacher_engine": fm_teachers.report if fm_teachers is not None else None,
+            # Folding, fp16 conversion and CUDA-graph capture of every batch: the cold cost before any step.
+            "teacher_build_s": teacher_build_s if fm_teachers is not None else None,
         }
         if not args.quick:
             settings["spec_gflop_224"] = SPEC_GFLOP_224
@@ -771,7 +808,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for mode in (m for m in RUN_ORDER if m in modes):
                 cfg_b = bench_config(size, root=root, num_classes=num_classes, batch=batch, workers=workers,
                                      backend=args.backend, device=device, cudnn_benchmark=cudnn_benchmark,
-                                     compile="off" if mode == "fastmeal_eager" else "auto")
+                                     compile="off" if mode == "fastmeal_eager" else args.compile)
                 # Predicted from this mode's last run, scaled by the batch (its fixed costs, paid then, are not).
                 predicted = last_run[mode][1] * batch / last_run[mode][0] if mode in last_run else 0.0
                 if time.perf_counter() + 0.8 * predicted > deadline:
@@ -800,12 +837,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 mode_flops = flops["student_fwd_bwd"] if mode == "bank" else flops["total"]  # bank: no teachers
                 row = measure(run, size, batch, device, mode_flops, peak["peak_tflops"], deadline)
                 row["peak_mib"] = _peak_mib(device, base)
+                row["cold_s"] = row.pop("cold_done") - t0
                 row["run_s"] = time.perf_counter() - t0
+                row["failure"] = run.failure() if isinstance(run, FastmealRun) else None
+                if row["failure"]:
+                    row.update(dict.fromkeys(SPEED_COLUMNS))
                 last_run[mode] = (batch, row["run_s"])
                 rows.append(row)
                 del run, student, discriminator
                 gc.collect()
                 write()
+                if row["failure"]:
+                    print(f"  {mode:14s} batch {batch:4d}: FAILED: {row['failure']}", flush=True)
+                    continue
                 step_only = f"{row['step_images_per_s']:8.4g}" if row["step_images_per_s"] else "     n/a"
                 print(f"  {mode:14s} batch {batch:4d}: {row['images_per_s']:8.4g} img/s end to end, "
                       f"{step_only} img/s step only, data wait {row['data_wait_pct']:.1f}%, "
@@ -815,8 +859,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             notes.append(f"--budget-s {args.budget_s:g}: not started (would not fit): {', '.join(skipped)}")
         if any(r["truncated"] for r in rows):
             notes.append("rows with 'truncated' were shortened to fit --budget-s; their other numbers are measured")
-        if any(r["mode"] == "fastmeal" and not r["student_compiled"] for r in rows) and on_cuda:
-            notes.append("fastmeal mode ran an eager student (torch.compile failed and fell back; see the log)")
+        failed = [f"{r['mode']}@{r['batch']}: {r['failure']}" for r in rows if r["failure"]]
+        if failed:
+            notes.append("FAILED (no speed reported): " + "; ".join(failed))
         if fm_teachers is not None:
             settings["teacher_engine"] = fm_teachers.report
         doc = write()
@@ -824,7 +869,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print()
     harness.print_table(doc["rows"], COLUMNS)
     for batch in size.batches:
-        pair = {r["mode"]: r for r in doc["rows"] if r["batch"] == batch}
+        pair = {r["mode"]: r for r in doc["rows"] if r["batch"] == batch and not r.get("failure")}
         if {"reference", "fastmeal"} <= pair.keys():
             step = pair["fastmeal"]["step_speedup_vs_ref"]
             print(f"batch {batch}: fastmeal {pair['fastmeal']['images_per_s']:.4g} img/s vs reference "
@@ -842,4 +887,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if any(r.get("failure") for r in main().get("rows", [])) else 0)

@@ -12,6 +12,8 @@
 #   FASTMEAL_COMMIT   the commit to record when the tree is a plain copy without .git
 #   SUITE_SLOW=STEP   simulate a step that hangs (it must time out and every other step still report)
 #   SUITE_FAKE=1      every step just sleeps briefly (tests the scheduling itself in a few seconds)
+#   SUITE_BREAK_COMPILE=1  make the train-step benchmark's compiled step fail (Inductor's own testing switch): its
+#                     fastmeal rows must come out FAILED with the cause, never as a speed
 #
 # The machine runs a plain copy of the repo: nothing is installed, and `python -m` puts the working directory
 # first on sys.path, where `fastmeal/` has no `kernels/` (pyproject maps the top-level kernels/ into the
@@ -118,8 +120,10 @@ PY
 
 run_pytest_gpu() {
   # --continue-on-collection-errors: a file that fails to import is reported, the other files still run.
-  # -v: one line per test as it finishes, so a step killed at its limit still shows what passed.
-  "$PY" -m pytest -v -m gpu -p no:cacheprovider --continue-on-collection-errors \
+  # -v: one line per test as it finishes, so a step killed at its limit still shows what passed (tests/conftest.py
+  # also ends the session on the limit's SIGTERM as on Ctrl-C, so that pytest's summary and XML are written, and
+  # runs the tests that decide what we ship first). --durations: the cold compile/capture costs, per test.
+  "$PY" -m pytest -v -m gpu -p no:cacheprovider --continue-on-collection-errors --durations=15 \
     --junitxml="$OUT/pytest_gpu.xml" tests
 }
 
@@ -130,7 +134,9 @@ run_data() {
 }
 
 run_bench_train_step() {
-  "$PY" benchmarks/bench_train_step.py $QUICK --data "$DATA" --json "$OUT/train_step.json" --budget-s "$DEADLINE_S"
+  # A fastmeal row whose compiled step fell back to eager is FAILED (exit status 1), with the cause in the JSON.
+  "$PY" benchmarks/bench_train_step.py $QUICK --data "$DATA" --json "$OUT/train_step.json" --budget-s "$DEADLINE_S" \
+    ${SUITE_BREAK_COMPILE:+--inject-compile-error}
 }
 
 run_bench_teachers() {
@@ -168,10 +174,18 @@ done
 STATUS=()
 STATUS_JSON=()
 FAILED=0
-record() {  # record NAME VERDICT SECONDS LIMIT
-  STATUS+=("$1: $2 ($3s of $4s)")
-  STATUS_JSON+=("{\"step\": \"$1\", \"verdict\": \"$2\", \"seconds\": $3, \"limit_s\": $4}")
+record() {  # record NAME VERDICT SECONDS LIMIT [TESTS]
+  STATUS+=("$1: $2 ($3s of $4s)${5:+; $5}")
+  STATUS_JSON+=("{\"step\": \"$1\", \"verdict\": \"$2\", \"seconds\": $3, \"limit_s\": $4, \"tests\": \"${5:-}\"}")
 }
+tests_ran() {  # tests_ran LOG: the outcomes of the tests a pytest -v step finished, even if it was cut at its limit
+  local counts last
+  counts=$(grep -oE '^tests/[^ ]+ (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)' "$1" | awk '{print $2}' | sort | uniq -c \
+    | awk '{printf "%s%d %s", sep, $1, tolower($2); sep=", "}')
+  last=$(grep -oE '^tests/[^ ]+ (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)' "$1" | tail -n 1 | awk '{print $1}')
+  echo "ran: ${counts:-none}${last:+; last finished: $last}"
+}
+STEP_LOG=$SHADOW_PARENT/step.log
 
 for i in "${!NAMES[@]}"; do
   name=${NAMES[$i]}
@@ -193,6 +207,7 @@ for i in "${!NAMES[@]}"; do
   DEADLINE_S=$(secs $(((limit - kill_ms) * 85 / 100)))
   log "=== $name (limit ${LIMIT_S}s, $(secs $(($(now_ms) - T0)))s into the suite) ==="
   t0=$(now_ms)
+  : > "$STEP_LOG"
   if [ "$name" = "${SUITE_SLOW:-}" ]; then
     cmd=(bash -c 'echo "simulated slow step: sleeping until killed"; exec sleep 100000')
   elif [ -n "${SUITE_FAKE:-}" ]; then
@@ -203,10 +218,10 @@ for i in "${!NAMES[@]}"; do
   if [ "${cmd[0]}" = "run_${name//-/_}" ]; then
     # A function cannot be given to `timeout`: run it in a child bash that has the functions and variables.
     export -f "${cmd[0]}"
-    export PY OUT QUICK FAST DATA DEADLINE_S
-    timeout --kill-after="$KILL_S" "$TERM_S" bash -c "${cmd[0]}" 2>&1 | tee -a "$OUT/suite.log"
+    export PY OUT QUICK FAST DATA DEADLINE_S SUITE_BREAK_COMPILE
+    timeout --kill-after="$KILL_S" "$TERM_S" bash -c "${cmd[0]}" 2>&1 | tee -a "$OUT/suite.log" "$STEP_LOG"
   else
-    timeout --kill-after="$KILL_S" "$TERM_S" "${cmd[@]}" 2>&1 | tee -a "$OUT/suite.log"
+    timeout --kill-after="$KILL_S" "$TERM_S" "${cmd[@]}" 2>&1 | tee -a "$OUT/suite.log" "$STEP_LOG"
   fi
   rc=${PIPESTATUS[0]}
   took=$(secs $(($(now_ms) - t0)))
@@ -217,8 +232,10 @@ for i in "${!NAMES[@]}"; do
     verdict="FAILED rc=$rc"
   fi
   [ "$verdict" != ok ] && FAILED=1
-  log "=== $name: $verdict in ${took}s ==="
-  record "$name" "$verdict" "$took" "$LIMIT_S"
+  tests=""
+  [ "$name" = pytest-gpu ] && tests=$(tests_ran "$STEP_LOG")
+  log "=== $name: $verdict in ${took}s${tests:+ ($tests)} ==="
+  record "$name" "$verdict" "$took" "$LIMIT_S" "$tests"
 done
 
 {

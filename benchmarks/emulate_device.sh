@@ -17,6 +17,9 @@
 # Usage, from the repo root:
 #   bash benchmarks/emulate_device.sh [OUT_DIR]          (default: a temporary folder, printed)
 #   SUITE_SLOW=bench_teachers bash benchmarks/emulate_device.sh    a step that hangs: it must time out, the rest run
+#   SUITE_BREAK_COMPILE=1 bash benchmarks/emulate_device.sh   the compiled train step fails (compile forced on, with
+#                              Inductor's testing switch): bench_train_step must be FAILED, its fastmeal rows FAILED
+#                              with the cause and no speed
 #   DEPS_PYTHON=/path/python   the interpreter whose packages are used (default .venv/bin/python, else python3)
 #   SUITE_BUDGET_S=...         passed on to the suite
 set -euo pipefail
@@ -73,20 +76,24 @@ set -e
 echo "device_suite.sh exited $SUITE_RC"
 
 # 4. What it must show.
-"$EMU_PY" - "$OUT" "$WORK/repo" "${SUITE_SLOW:-}" <<'PY'
+"$EMU_PY" - "$OUT" "$WORK/repo" "${SUITE_SLOW:-}" "${SUITE_BREAK_COMPILE:-}" <<'PY'
 import json
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-out, repo, slow = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+out, repo, slow, broken = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 problems = []
 status = json.loads((out / "suite_status.json").read_text())
 for step in status["steps"]:
-    want_timeout = step["step"] == slow
-    ok = step["verdict"].startswith("TIMED OUT") if want_timeout else step["verdict"] == "ok"
+    if step["step"] == slow:
+        ok = step["verdict"].startswith("TIMED OUT")
+    elif step["step"] == "bench_train_step" and broken:
+        ok = step["verdict"].startswith("FAILED")
+    else:
+        ok = step["verdict"] == "ok"
     print(f"  {step['step']:18s} {step['verdict']} ({step['seconds']}s of {step['limit_s']}s)"
-          + ("" if ok else "   <-- unexpected"))
+          + (f" [{step['tests']}]" if step.get("tests") else "") + ("" if ok else "   <-- unexpected"))
     if not ok:
         problems.append(f"step {step['step']}: {step['verdict']}")
 if status["seconds"] > status["budget_s"]:
@@ -118,6 +125,14 @@ for step, name in benchmarks.items():
         problems.append(f"{name} has no rows")
     if doc["commit"] == "unknown":
         problems.append(f"{name} does not record the commit")
+if broken and (out / "train_step.json").is_file():
+    rows = json.loads((out / "train_step.json").read_text())["rows"]
+    failed = [r for r in rows if r["mode"] in ("fastmeal", "bank")]
+    print("  forced compile failure:", "; ".join(f"{r['mode']}@{r['batch']}: {r.get('failure')}" for r in failed))
+    if not failed or any(not r.get("failure") or r.get("images_per_s") is not None for r in failed):
+        problems.append("a fastmeal row whose compiled step fell back is not FAILED (or still reports a speed)")
+    if "FAILED (no speed reported)" not in (out / "suite.log").read_text():
+        problems.append("the suite's summary does not show the FAILED row")
 print("EMULATION", "FAILED: " + "; ".join(problems) if problems else "OK: every step reported, every file written")
 sys.exit(1 if problems else 0)
 PY

@@ -128,10 +128,17 @@ def summarize(times: list[float]) -> dict[str, float]:
 
 def write_result(path: str | os.PathLike | None, *, benchmark: str, settings: dict[str, Any],
                  rows: list[dict[str, Any]], notes: list[str] | None = None,
-                 device: torch.device | str | None = None) -> dict[str, Any]:
-    """Write one benchmark run as JSON (when ``path`` is given) and return the document."""
+                 device: torch.device | str | None = None, details: list[dict[str, Any]] | None = None
+                 ) -> dict[str, Any]:
+    """Write one benchmark run as JSON (when ``path`` is given) and return the document.
+
+    ``rows`` is the table the README shows (``summarize.py``); ``details``, when given, the full per-item rows
+    behind it (kept in the JSON only).
+    """
     doc = {"benchmark": benchmark, **environment(device), "settings": settings, "rows": rows,
            "notes": notes or []}
+    if details is not None:
+        doc["details"] = details
     if path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -41,15 +41,13 @@ def cutmix_(batch: Batch, *, seed: int, epoch: int, step: int) -> Batch:
     """
     import torch
 
+    from fastmeal.data.common import host_to_device
     from fastmeal.data.plan import plan_cutmix
 
     images = batch.images
     size, _, height, width = images.shape
     lam, (y1, y2, x1, x2), perm = plan_cutmix(seed, epoch, step, size, height=height, width=width)
-    perm = torch.from_numpy(perm)
-    if images.device.type == "cuda":  # a pageable host copy may synchronise with the stream; a pinned one does not
-        perm = perm.pin_memory()
-    perm = perm.to(images.device, non_blocking=True)
+    perm = host_to_device(torch.from_numpy(perm), images.device)  # no wait for the GPU's queued work
     # The right side is an advanced-indexing copy, so overlapping rows read the unmixed pixels.
     images[:, :, y1:y2, x1:x2] = images[perm, :, y1:y2, x1:x2]
     batch.targets["mix_lam"] = torch.tensor(lam, dtype=torch.float32)

@@ -26,10 +26,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-#: Rows up to this many classes (rounded up to a power of two) are processed as a single block.
-MAX_FUSED_BLOCK = 8192
-#: Block width of the two-pass online-softmax path used for wider rows (e.g. ImageNet-21k's 21,843).
-LOOP_BLOCK = 4096
+#: Rows up to this many classes (rounded up to a power of two) are processed as a single block. Wider fused
+#: blocks spilled registers (4,096 from 7 teachers on, 8,192 from 4, in a first run of benchmarks/kernel_resources.py).
+MAX_FUSED_BLOCK = 2048
+#: Block width of the two-pass online-softmax path used for wider rows (e.g. ImageNet-21k's 21,843); 2,048 at
+#: 8 warps spilled a few bytes on sm_100 with 2 teachers, 1,024 only with 7 (8 bytes, sm_80).
+LOOP_BLOCK = 1024
+#: Narrowest block: a row narrower than the 128 threads of 4 warps leaves threads idle whatever the block, and
+#: fewer distinct blocks are fewer variants to compile (tests/test_kernel_compile.py compiles every one).
+MIN_BLOCK = 128
 #: Teachers per call: the teacher loop is unrolled at compile time.
 MAX_TEACHERS = 8
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -85,8 +90,13 @@ def _row_logsumexp(row_ptr, num_classes, BLOCK: tl.constexpr):
     cols0 = tl.arange(0, BLOCK)
     m = float("-inf")
     d = 0.0
-    for start in range(0, num_classes, BLOCK):
+    # The loops over blocks are `while`, not `for start in range(0, num_classes, BLOCK)`: triton 3.6's interpreter
+    # (with numpy >= 2.5) cannot take a runtime bound in range(). The cubins match: the same registers and spills
+    # on sm_80/90/100, instruction counts within 8 in 1 of 24 variants (results/kernel_loop_while_vs_for.txt).
+    start = 0
+    while start < num_classes:
         cols = start + cols0
+        start += BLOCK
         x = tl.load(row_ptr + cols, mask=cols < num_classes, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(x, axis=0))
         # While every logit so far is -inf, shift by 0 rather than by -inf (-inf - -inf = NaN).
@@ -118,8 +128,10 @@ def _ensemble_kd_looped_kernel(
     cols0 = tl.arange(0, BLOCK)
     ce_acc = tl.zeros([BLOCK], dtype=tl.float32)
     kl_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, num_classes, BLOCK):
+    start = 0
+    while start < num_classes:
         cols = start + cols0
+        start += BLOCK
         mask = cols < num_classes
         log_q = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32) - s_lse
         p = tl.zeros([BLOCK], dtype=tl.float32)
@@ -141,12 +153,28 @@ def _ensemble_kd_looped_kernel(
 
 
 def _num_warps(block: int) -> int:
-    # Enough threads that each holds at most ~32 fp32 values per row vector (p, t_sum, log_q, ...).
-    if block <= 1024:
-        return 4
-    if block <= 4096:
-        return 8
-    return 16
+    """Warps per row program, from ptxas's register counts of every variant (benchmarks/kernel_resources.py).
+
+    4 warps spilled a few bytes on sm_90 for a 1,024 block with 3-4 teachers (triton 3.8) and for a 512 block
+    with 4 fp16/bf16 teachers (triton 3.6); with 8 warps each thread holds at most 8 fp32 values per row
+    vector (p, t_sum, log_q, ...) and neither spills.
+    """
+    return 4 if block <= 256 else 8
+
+
+def launch_config(num_classes: int, num_teachers: int, max_fused_block: int = MAX_FUSED_BLOCK,
+                  loop_block: int = LOOP_BLOCK) -> tuple[triton.JITFunction, dict[str, int], int]:
+    """The kernel, its compile-time constants and ``num_warps`` that rows of ``num_classes`` classes get.
+
+    The one place the launcher's choices are made: ``benchmarks/kernel_resources.py`` and
+    ``tests/test_kernel_compile.py`` compile exactly what it returns, for real GPUs.
+    """
+    block = max(MIN_BLOCK, triton.next_power_of_2(num_classes))
+    if block <= max_fused_block:
+        return _ensemble_kd_fused_kernel, {"K": num_teachers, "BLOCK": block}, _num_warps(block)
+    block = min(loop_block, block)
+    return (_ensemble_kd_looped_kernel, {"K": num_teachers, "K_POW2": max(2, triton.next_power_of_2(num_teachers)),
+                                         "BLOCK": block}, _num_warps(block))
 
 
 def _outputs(device: torch.device, specs: tuple[tuple[str, Tensor | None, tuple[int, ...], torch.dtype], ...]
@@ -225,13 +253,8 @@ def ensemble_kd_forward(student_logits: Tensor, teacher_logits: Tensor, *,
     args = (teacher_logits, student_logits, t_bar, grad, ce_rows, kl_rows,
             teacher_logits.stride(0), teacher_logits.stride(1), student_logits.stride(0), t_bar.stride(0),
             grad.stride(0), num_classes, 1.0 / batch)
-    block = triton.next_power_of_2(num_classes)
-    if block <= max_fused_block:
-        _ensemble_kd_fused_kernel[(batch,)](*args, K=num_teachers, BLOCK=block, num_warps=_num_warps(block))
-    else:
-        block = min(loop_block, block)
-        _ensemble_kd_looped_kernel[(batch,)](*args, K=num_teachers, K_POW2=max(2, triton.next_power_of_2(num_teachers)),
-                                             BLOCK=block, num_warps=_num_warps(block))
+    kernel, constexprs, num_warps = launch_config(num_classes, num_teachers, max_fused_block, loop_block)
+    kernel[(batch,)](*args, **constexprs, num_warps=num_warps)
     return ce_rows, kl_rows, t_bar, grad
 
 

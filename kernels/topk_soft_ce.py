@@ -31,12 +31,14 @@ import triton.language as tl
 from torch import Tensor
 
 # The online-softmax row reduction and the warp count are the ensemble-KD kernel's (same row shapes).
-from fastmeal.kernels.ensemble_kd import _num_warps, _outputs, _row_log_softmax, _row_logsumexp
+from fastmeal.kernels import ensemble_kd
+from fastmeal.kernels.ensemble_kd import MIN_BLOCK, _num_warps, _outputs, _row_log_softmax, _row_logsumexp
 
-#: Rows up to this many classes (rounded up to a power of two) are processed as a single block.
-MAX_FUSED_BLOCK = 8192
+#: Rows up to this many classes (rounded up to a power of two) are processed as a single block (the ensemble
+#: kernel's limits: the same row shapes, one block and warp rule to verify).
+MAX_FUSED_BLOCK = ensemble_kd.MAX_FUSED_BLOCK
 #: Block width of the two-pass path used for wider rows.
-LOOP_BLOCK = 4096
+LOOP_BLOCK = ensemble_kd.LOOP_BLOCK
 #: Entries per record: the K loop is unrolled at compile time.
 MAX_TOP_K = 64
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -46,16 +48,22 @@ _INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
 
 @triton.jit
 def _decoded_row(cols, mask, p_row, i_row, num_classes, K: tl.constexpr):
-    """The decoded target over one block of columns, and its uniform share ``u`` of the rest."""
+    """The decoded target over one block of columns, and its uniform share ``u`` of the rest.
+
+    The K loops are not unrolled (``range``, not ``tl.static_range``): unrolled, ptxas kept all 2K loaded
+    values live and spilled registers from K=32 on (sm_100: K=64 at ImageNet-1k's block); looped, only K=64
+    at the 2,048 block spills 8 bytes (benchmarks/results/kernel_resources.json). Each pass re-reads the row's
+    K values (cached).
+    """
     p_sum = 0.0
-    for k in tl.static_range(K):
+    for k in range(K):
         p_sum += tl.load(p_row + k).to(tl.float32)
     rest = 1.0 - p_sum
     rest = tl.where(rest < 0.0, 0.0, rest)  # not tl.maximum: a NaN record must stay NaN (loud)
     num_rest = num_classes - K
     u = tl.where(num_rest > 0, rest / tl.maximum(num_rest, 1).to(tl.float32), 0.0)
     p = tl.where(mask, u, 0.0)
-    for k in tl.static_range(K):
+    for k in range(K):
         idx = tl.load(i_row + k).to(tl.int32)
         p = tl.where(cols == idx, tl.load(p_row + k).to(tl.float32), p)
     return p, u
@@ -98,8 +106,10 @@ def _topk_soft_ce_looped_kernel(
     cols0 = tl.arange(0, BLOCK)
     ce_acc = tl.zeros([BLOCK], dtype=tl.float32)
     kl_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, num_classes, BLOCK):
+    start = 0
+    while start < num_classes:
         cols = start + cols0
+        start += BLOCK
         mask = cols < num_classes
         log_q = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32) - lse
         p, _u = _decoded_row(cols, mask, p_ptr + row * stride_pb, i_ptr + row * stride_ib, num_classes, K)
@@ -110,6 +120,19 @@ def _topk_soft_ce_looped_kernel(
         kl_acc += tl.where(p == 0.0, 0.0, p * (tl.log(p) - log_q))
     tl.store(ce_ptr + row, -tl.sum(ce_acc, axis=0))
     tl.store(kl_ptr + row, tl.sum(kl_acc, axis=0))
+
+
+def launch_config(num_classes: int, top_k: int, max_fused_block: int = MAX_FUSED_BLOCK,
+                  loop_block: int = LOOP_BLOCK) -> tuple[triton.JITFunction, dict[str, int], int]:
+    """The kernel, its compile-time constants and ``num_warps`` that rows of ``num_classes`` classes get.
+
+    The one place the launcher's choices are made (see :func:`fastmeal.kernels.ensemble_kd.launch_config`).
+    """
+    block = max(MIN_BLOCK, triton.next_power_of_2(num_classes))
+    if block <= max_fused_block:
+        return _topk_soft_ce_fused_kernel, {"K": top_k, "BLOCK": block}, _num_warps(block)
+    block = min(loop_block, block)
+    return _topk_soft_ce_looped_kernel, {"K": top_k, "BLOCK": block}, _num_warps(block)
 
 
 def _check_inputs(student_logits: Tensor, probs: Tensor, indices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -171,13 +194,8 @@ def topk_soft_ce_forward(student_logits: Tensor, probs: Tensor, indices: Tensor,
     args = (student_logits, probs, indices, target, grad, ce_rows, kl_rows,
             student_logits.stride(0), probs.stride(0), indices.stride(0), target.stride(0), grad.stride(0),
             num_classes, 1.0 / batch)
-    block = triton.next_power_of_2(num_classes)
-    top_k = probs.shape[1]
-    if block <= max_fused_block:
-        _topk_soft_ce_fused_kernel[(batch,)](*args, K=top_k, BLOCK=block, num_warps=_num_warps(block))
-    else:
-        block = min(loop_block, block)
-        _topk_soft_ce_looped_kernel[(batch,)](*args, K=top_k, BLOCK=block, num_warps=_num_warps(block))
+    kernel, constexprs, num_warps = launch_config(num_classes, probs.shape[1], max_fused_block, loop_block)
+    kernel[(batch,)](*args, **constexprs, num_warps=num_warps)
     return ce_rows, kl_rows, target, grad
 
 

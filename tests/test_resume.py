@@ -106,7 +106,7 @@ def reads(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+@pytest.mark.parametrize("backend", ["torchvision", pytest.param("dali", marks=pytest.mark.dali)])
 def test_stop_kill_and_resume_end_bit_equal_to_the_straight_run(data, tmp_path, backend, workers, reads):
     straight = _run(_config(data, tmp_path / "straight", backend, workers))
     reads()

@@ -175,6 +175,19 @@ class EvalShardSampler(Sampler[int]):
         """Eval order does not depend on the epoch (the same interface as DistributedSampler)."""
 
 
+def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` (a CPU tensor) on ``device``, without making the host wait for the GPU.
+
+    A ``non_blocking`` copy from pageable memory may synchronise with the stream (CUDA's documented
+    behaviour: it stages the data through a pinned buffer), so the host would wait for everything queued
+    before it, e.g. the previous step's backward. A copy from pinned memory is truly asynchronous; torch's
+    caching host allocator keeps the pinned block until the copy has run.
+    """
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def build_sampler(split: str, num_samples: int, *, rank: int, world_size: int, seed: int) -> Sampler[int]:
     """Which samples this rank reads, in which order; both backends use it, so they shard identically.
 

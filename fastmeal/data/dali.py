@@ -69,6 +69,7 @@ from fastmeal.data.common import (
     CorruptImageError,
     DataError,
     Split,
+    host_to_device,
     load_rgb,
     next_decodable,
 )
@@ -227,7 +228,7 @@ class DaliLoader(LoaderBase):
                 if not keep:
                     continue
                 images, labels = images[keep], labels[keep]
-            yield images, labels.to(self.device, non_blocking=True)
+            yield images, host_to_device(labels, self.device)
 
     # -- planning: which paths (and crop windows) the external source feeds --------------------
 
