@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import random
+import struct
+import zipfile
 
 import numpy as np
 import pytest
 import timm
 import torch
+from tiny import make_trainer, tiny_config
 
 from fastmeal.checkpoint import (
     FORMAT,
@@ -79,6 +82,103 @@ def test_a_flipped_byte_is_detected_although_torch_load_would_accept_it(tmp_path
     assert not torch.equal(torch.load(path, weights_only=True)["student"]["w"], torch.full((64, 64), 1.0))
     with pytest.raises(CheckpointError, match="damaged or truncated.*digest stored in it"):
         load_checkpoint(path)
+
+
+@pytest.fixture(scope="module")
+def trainer_checkpoint(tmp_path_factory):
+    """A real trainer checkpoint: MEAL V2 with its discriminator, momentum, amp-fp16's grad scaler, RNG states."""
+    run = tmp_path_factory.mktemp("trainer_ckpt") / "run"
+    make_trainer(tiny_config(run, **{"precision.mode": "amp-fp16", "schedule.epochs": 1})).fit()
+    return CheckpointManager(run / "checkpoints").checkpoints()[0]
+
+
+def _storages(data: bytes) -> list[tuple[str, int, int]]:
+    """``(name, offset, size)`` of every tensor storage in a ``torch.save`` zip (stored uncompressed)."""
+    import io
+
+    out = []
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        for info in z.infolist():
+            if "/data/" in info.filename and info.file_size:
+                name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+                out.append((info.filename, info.header_offset + 30 + name_len + extra_len, info.file_size))
+    return out
+
+
+def test_a_flipped_byte_in_any_tensor_of_a_trainer_checkpoint_is_detected(trainer_checkpoint, tmp_path):
+    data = trainer_checkpoint.read_bytes()
+    state = torch.load(trainer_checkpoint, weights_only=True)
+    tensors = [t for t in _leaves(state) if isinstance(t[1], torch.Tensor) and t[1].numel()]
+    storages = _storages(data)
+    # RNG states (in lists), optimiser momentum, student, discriminator: each tensor has a storage of its own.
+    assert len(storages) == len(tensors) and any(p[0] == "rng" for p, _ in tensors)
+    for _, offset, size in storages:
+        damaged = bytearray(data)
+        damaged[offset + size // 2] ^= 0xFF
+        path = tmp_path / "ckpt-000000001.pt"
+        path.write_bytes(bytes(damaged))
+        torch.load(path, weights_only=True)  # torch reads it without complaint ...
+        with pytest.raises(CheckpointError, match="digest stored in it"):  # ... the digest does not
+            load_checkpoint(path)
+
+
+def _leaves(obj, path=()):
+    """``(path, value)`` of every tensor and plain value; of a long list, its first, middle and last items."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _leaves(value, (*path, key))
+    elif isinstance(obj, list | tuple):
+        picks = range(len(obj)) if len(obj) <= 6 else (0, len(obj) // 2, len(obj) - 1)
+        for i in picks:
+            yield from _leaves(obj[i], (*path, i))
+    else:
+        yield path, obj
+
+
+def _changed(value):
+    """Another value of the same kind: a tensor with one byte flipped, a number moved, a string extended."""
+    if isinstance(value, torch.Tensor):
+        value = value.clone()
+        raw = value.reshape(-1).view(torch.uint8)
+        raw[raw.numel() // 2] ^= 0xFF
+        return value
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int | float):
+        return value + 1 if value == value else 0.0
+    if isinstance(value, str):
+        return value + "x"
+    return 0  # None
+
+
+def _set(obj, path, value):
+    for key in path[:-1]:
+        obj = obj[key]
+    if isinstance(obj, tuple):
+        raise TypeError(f"tuple at {path}")  # weights_only loads never give tuples here
+    obj[path[-1]] = value
+
+
+def test_any_changed_field_of_a_trainer_checkpoint_is_detected(trainer_checkpoint, tmp_path):
+    """Every field that decides the run (position, config, RNG states in nested lists, optimiser and scaler
+    settings, the evaluation) and every tensor: changed and saved without a new digest, the file is refused."""
+    state = torch.load(trainer_checkpoint, weights_only=True)
+    leaves = [(p, v) for p, v in _leaves(state) if not (isinstance(v, torch.Tensor) and v.numel() == 0)]
+    fields = {p[0] for p, _ in leaves}
+    assert {"epoch", "step_in_epoch", "global_step", "config", "rng", "scaler", "optimizer", "discriminator",
+            "student", "last_eval"} <= fields
+    assert any(p[:2] == ("rng", 0) and p[2] == "python" for p, _ in leaves)  # Python's RNG: ints in nested lists
+    path = tmp_path / "ckpt-000000001.pt"
+    for where, value in leaves:
+        _set(state, where, _changed(value))
+        torch.save(state, path)
+        _set(state, where, value)
+        # A changed format or version is refused for that reason before the digest is checked.
+        match = "digest stored in it" if where[0] not in ("format", "version") else None
+        with pytest.raises(CheckpointError, match=match):
+            load_checkpoint(path)
+    torch.save(state, path)
+    assert load_checkpoint(path)["global_step"] == state["global_step"]  # restored: accepted again
 
 
 def test_truncated_foreign_and_future_files_are_rejected(tmp_path):
