@@ -37,7 +37,7 @@ lint: $(VENV)/.installed-dev
 # the modules below and runs the tests that cover the changed function ([tool.mutmut] in pyproject.toml names
 # the test files). One module at a time, niced: about an hour on 2 shared cores. A survivor is a bug the tests
 # would miss, or an equivalent change (explained in docs/mutation.md). `make mutation MUTATION_MODULES=losses`
-# runs one module; results accumulate in mutants/ (`mutmut results`, `mutmut show NAME`).
+# runs one module; results accumulate in mutants/ (`mutmut show NAME` prints a mutant's diff).
 MUTATION_MODULES ?= losses plan store build checkpoint config
 MUTANTS_losses := 'fastmeal.losses.*'
 MUTANTS_plan := 'fastmeal.data.plan.*'
@@ -58,7 +58,7 @@ mutation: $(VENV)/.installed-dev
 			*) echo "unknown module $$m"; exit 2;; esac; \
 		echo "== mutation: $$m"; eval nice -n 15 $(BIN)/mutmut run --max-children 2 $$names || exit 1; \
 	done
-	$(BIN)/mutmut results
+	$(BIN)/python tests/mutation_summary.py --survivors
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache mutants
