@@ -1,6 +1,7 @@
 """The soft-label bank's on-disk format: records, chunks, manifest, and every refusal of the reader."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -164,3 +165,20 @@ def test_chunk_json_is_written_last_and_atomically(tmp_path):
     doc = json.loads(store.chunk_file(root, 0, 1, 0, 0).read_text())
     assert doc["count"] == 10 and doc["offset"] == 0 and isinstance(doc["crc32"], int)
     assert [p.name for p in (root / "chunks").iterdir()] == ["e0000-w1-r0-c0000.json"]  # no temporaries left
+
+
+def test_a_chunk_is_synced_before_its_json_which_is_synced_before_its_rename(tmp_path, monkeypatch):
+    from test_checkpoint import _record_syncs
+
+    root = tmp_path / "b"
+    manifest = store.open_or_create(root, _manifest(dataset_size=10))
+    writer = store.EpochWriter(root, manifest, 0, store.EpochLayout(world_size=1, records_per_rank=10,
+                                                                     chunk_records=10), 0)
+    events = _record_syncs(monkeypatch)
+    rows = np.zeros(10, dtype=writer.dtype)
+    rows["index"] = np.arange(10)
+    writer.write_chunk(0, rows, {"samples": 10})
+    final = store.chunk_file(root, 0, 1, 0, 0)
+    tmp = str(final.with_name(f".{final.name}.tmp-{os.getpid()}"))
+    assert events == [("fsync", str(store.epoch_file(root, 0))), ("fsync", tmp), ("replace", tmp, str(final)),
+                      ("fsync", str(final.parent))]

@@ -281,3 +281,34 @@ def test_student_weights_load_with_timm_checkpoint_path(tmp_path):
         for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
             assert torch.equal(a, b), (path.name, k)
     assert isinstance(torch.load(pth, weights_only=True), dict)
+
+
+def _record_syncs(monkeypatch) -> list[tuple[str, ...]]:
+    """Log every ``os.fsync`` (by the path of the synced descriptor) and ``os.replace``, in order."""
+    import os
+
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def logged_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def logged_replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", logged_fsync)
+    monkeypatch.setattr(os, "replace", logged_replace)
+    return events
+
+
+def test_an_atomic_write_syncs_the_file_before_its_rename_and_the_directory_after(tmp_path, monkeypatch):
+    """What survives a power cut rather than a kill (no test can cut the power): the order of the syncs."""
+    import os
+
+    events = _record_syncs(monkeypatch)
+    path = tmp_path / "ckpt-000000001.pt"
+    atomic_torch_save(fake_state(1), path)
+    tmp = str(tmp_path / f".{path.name}.tmp-{os.getpid()}")
+    assert events == [("fsync", tmp), ("replace", tmp, str(path)), ("fsync", str(tmp_path))]

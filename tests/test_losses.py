@@ -2,6 +2,7 @@
 
 import copy
 import os
+import sys
 
 import pytest
 import torch
@@ -288,3 +289,16 @@ def test_discriminator_loss_traced_by_torch_compile_equals_eager():
     targets = torch.tensor([[1.0, 0.0]] * 3 + [[0.0, 1.0]] * 3)
     expected = F.binary_cross_entropy_with_logits(disc(torch.cat([student, teachers.mean(0)])), targets)
     torch.testing.assert_close(compiled, expected)
+
+
+def test_auto_is_the_kernel_on_cuda_when_triton_imports(monkeypatch):
+    """``impl=auto`` on a CUDA tensor uses the kernel, unless triton does not import; ``torch`` never does."""
+    from types import SimpleNamespace
+
+    from fastmeal.losses import _use_triton
+
+    on = {kind: SimpleNamespace(device=SimpleNamespace(type=kind)) for kind in ("cuda", "cpu")}
+    assert _use_triton("auto", on["cuda"]) and _use_triton("triton", on["cpu"])
+    assert not _use_triton("auto", on["cpu"]) and not _use_triton("torch", on["cuda"])
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
+    assert not _use_triton("auto", on["cuda"])
