@@ -96,6 +96,7 @@ def test_refuses_an_unfinished_epoch(bank):
     next(iter(sorted((root / "chunks").glob("e0001-*")))).unlink()
     with pytest.raises(store.BankError, match=r"1 \(1 of 9 chunks not finished\)"):
         store.BankReader(root, epochs=range(2))
+    assert store.BankReader(root).epochs == [0]  # what the bank holds: the complete epochs only
 
 
 def test_refuses_a_truncated_file(bank):
