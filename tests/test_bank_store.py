@@ -183,3 +183,30 @@ def test_a_chunk_is_synced_before_its_json_which_is_synced_before_its_rename(tmp
     tmp = str(final.with_name(f".{final.name}.tmp-{os.getpid()}"))
     assert events == [("fsync", str(store.epoch_file(root, 0))), ("fsync", tmp), ("replace", tmp, str(final)),
                       ("fsync", str(final.parent))]
+
+
+def test_an_epoch_not_announced_up_front_is_checked_when_first_read(bank):
+    root, truths = bank
+    reader = store.BankReader(root)  # no epochs announced
+    probs, classes = reader.records(1, np.array([3]))
+    np.testing.assert_array_equal(probs[0], truths[1][3][0])
+    np.testing.assert_array_equal(classes[0], truths[1][3][1])
+    with pytest.raises(store.BankError, match=r"has no complete epoch 7 \(not built\)"):
+        reader.records(7, np.array([3]))
+    next(iter(sorted((root / "chunks").glob("e0000-*")))).unlink()
+    with pytest.raises(store.BankError, match=r"has no complete epoch 0 \(1 of 9 chunks not finished\)"):
+        store.BankReader(root).records(0, np.array([3]))
+
+
+def test_teacher_hash_is_sha256_of_names_dtypes_shapes_and_bytes():
+    """The documented format, computed here with hashlib: a bank's teacher identity must not drift between versions."""
+    import hashlib
+
+    import torch
+
+    state = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "n": torch.tensor(7), "e": torch.zeros(0)}
+    h = hashlib.sha256()
+    h.update(b"e|torch.float32|(0,)|")
+    h.update(b"n|torch.int64|(1,)|" + (7).to_bytes(8, "little"))
+    h.update(b"w|torch.float32|(6,)|" + np.arange(6, dtype="<f4").tobytes())
+    assert store.hash_state_dict(state) == h.hexdigest()
