@@ -97,6 +97,8 @@ def test_refuses_an_unfinished_epoch(bank):
     with pytest.raises(store.BankError, match=r"1 \(1 of 9 chunks not finished\)"):
         store.BankReader(root, epochs=range(2))
     assert store.BankReader(root).epochs == [0]  # what the bank holds: the complete epochs only
+    # 1000 images over 3 ranks: 334 records per rank, chunks of 128
+    assert store.complete_epochs(root) == {0: store.EpochLayout(world_size=3, records_per_rank=334, chunk_records=128)}
 
 
 def test_refuses_a_truncated_file(bank):
