@@ -21,7 +21,7 @@ from gloo_world import run_world
 from tiny import DISK_CLASSES, cli_worker, jpeg_dataset, kill_before_fs_call, one_intraop_thread, teacher_files
 
 from fastmeal.bank import BankError, store
-from fastmeal.bank.build import build_bank, round_down_half, soft_label_records
+from fastmeal.bank.build import build_bank, parse_epochs, round_down_half, soft_label_records
 from fastmeal.bank.replay import BankLoader, open_bank
 from fastmeal.config import ConfigError, build_config
 from fastmeal.data import build_loader, dali_available
@@ -392,6 +392,7 @@ def test_command_line_build(files, tmp_path, capsys):
     assert manifest["top_k"] == 3 and manifest["record_bytes"] == 16
     assert [t["tag"] for t in manifest["teachers"]] == ["test_resnet", "test_resnet"]
     assert all(len(t["sha256"]) == 64 for t in manifest["teachers"])
+    assert [t["weights"] for t in manifest["teachers"]] == [str(p) for p in files[1]]
     assert manifest["teachers"][0]["sha256"] != manifest["teachers"][1]["sha256"]
     assert main(args[:-2] + ["--epochs", "0:x"]) == 2
     assert "must look like A:B" in capsys.readouterr().err
@@ -411,3 +412,13 @@ def test_records_round_down_so_a_confident_teacher_keeps_a_remainder():
     assert probs[0].float().sum() < 1 and torch.isfinite(kl).all() and (kl > -1e-6).all()
     assert (classes[:, 0] == 3).all()
     torch.testing.assert_close(mass, torch.softmax(logits[0], -1).topk(2).values.sum(-1))
+
+
+def test_epochs_argument():
+    assert parse_epochs(None, 3) == parse_epochs("", 3) == range(3)  # the whole schedule
+    assert parse_epochs("0:2", 9) == range(0, 2) and parse_epochs("7:9", 9) == range(7, 9)
+    for bad in ("2:2", "3:1", "-1:2"):
+        with pytest.raises(BankError, match="must have 0 <= A < B"):
+            parse_epochs(bad, 9)
+    with pytest.raises(BankError, match="must look like A:B"):
+        parse_epochs("1-3", 9)
