@@ -100,6 +100,24 @@ def test_replayed_crops_are_the_builders_and_records_the_ensembles_top_k(files, 
         for i, image in zip(order, torch.cat(batches), strict=True):
             seen[(epoch, int(i))] = image
 
+    # The summary's means over every record, computed here: the captured top-2 mass of p = mean_k softmax(t_k),
+    # and KL(p || decoded) with the stored fp16 top-2 and the rest spread over the other class.
+    reader = store.BankReader(tmp_path / "bank", epochs=range(EPOCHS))
+    keys = sorted(seen)
+    with torch.no_grad():
+        p = torch.softmax(spy.ensemble(torch.stack([seen[k] for k in keys])).double(), -1).mean(0)
+    kl, mass = [], []
+    for row, (epoch, i) in zip(p, keys, strict=True):
+        probs, classes = reader.records(epoch, np.array([i]))
+        kept = torch.from_numpy(probs[0].astype(np.float64))
+        decoded = torch.full_like(row, (1 - kept.sum().item()) / (DISK_CLASSES - 2))
+        decoded[torch.from_numpy(classes[0].astype(np.int64))] = kept
+        kl.append((row * (row / decoded).log()).sum().item())
+        mass.append(row.topk(2).values.sum().item())
+    assert summary["kl"] == pytest.approx(np.mean(kl), rel=1e-3, abs=1e-6)
+    assert summary["captured_mass"] == pytest.approx(np.mean(mass), rel=1e-5)
+    assert summary["bytes_per_record"] == 4 + 4 * 2 and summary["bytes_per_epoch"] == 18 * (4 + 4 * 2)
+
     # A training run with another batch size replays the same crops with their records.
     train_cfg = _cfg(files, tmp_path / "run", **{"data.batch_size": 6, "bank.path": tmp_path / "bank"})
     loader = build_loader(train_cfg, "train", device=CPU)
