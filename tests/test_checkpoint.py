@@ -26,6 +26,7 @@ from fastmeal.checkpoint import (
     capture_rng_state,
     file_sha256,
     load_checkpoint,
+    remove_temporaries,
     restore_rng_state,
     save_student_weights,
     state_digest,
@@ -312,3 +313,27 @@ def test_an_atomic_write_syncs_the_file_before_its_rename_and_the_directory_afte
     atomic_torch_save(fake_state(1), path)
     tmp = str(tmp_path / f".{path.name}.tmp-{os.getpid()}")
     assert events == [("fsync", tmp), ("replace", tmp, str(path)), ("fsync", str(tmp_path))]
+
+
+def test_temporaries_of_gone_writers_are_removed_and_a_live_writers_kept(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        names = {f".ckpt-000000001.pt.tmp-{pid}": pid for pid in (live.pid, dead.pid, os.getpid())}
+        for name in names:
+            (tmp_path / name).write_bytes(b"half")
+        (tmp_path / "notes.tmp-1").write_bytes(b"not a temporary: no leading dot")
+        (tmp_path / ".x.tmp-abc").write_bytes(b"not a temporary: no PID")
+        removed = {p.name for p in remove_temporaries(tmp_path)}
+        # This process's own leftovers are a killed earlier run's (the run dir's lock is held): removed too.
+        assert removed == {f".ckpt-000000001.pt.tmp-{dead.pid}", f".ckpt-000000001.pt.tmp-{os.getpid()}"}
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [".x.tmp-abc", "notes.tmp-1", f".ckpt-000000001.pt.tmp-{live.pid}"])
+    finally:
+        live.kill()
+        live.wait()
