@@ -337,3 +337,49 @@ def test_temporaries_of_gone_writers_are_removed_and_a_live_writers_kept(tmp_pat
     finally:
         live.kill()
         live.wait()
+
+
+class _NotPlainData:
+    """An object a weights-only load must refuse (arbitrary pickled code)."""
+
+
+def test_only_plain_data_is_loaded(tmp_path):
+    path = tmp_path / "ckpt-000000001.pt"
+    torch.save({**fake_state(1), "extra": _NotPlainData()}, path)
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_checkpoint(path)
+
+
+def test_a_renamed_field_of_a_checkpoint_is_detected(tmp_path):
+    path = tmp_path / "ckpt-000000001.pt"
+    atomic_torch_save({**fake_state(1), "best_top1": 50.0, "last_eval": {"top1": 50.0}}, path)
+    state = torch.load(path, weights_only=True)
+    state["last_eval"] = {"top5": state["last_eval"]["top1"]}  # same value under another name
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match="digest stored in it"):
+        load_checkpoint(path)
+
+
+def test_plain_objects_are_saved_as_given_and_parents_are_made(tmp_path):
+    weights = {"w": torch.ones(2)}
+    path = tmp_path / "a" / "b" / "weights.pt"
+    atomic_torch_save(weights, path)  # not a checkpoint: no digest added
+    assert torch.load(path, weights_only=True).keys() == {"w"}
+    from fastmeal.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(tmp_path / "c" / "d" / "x.json", b"{}")
+    assert (tmp_path / "c" / "d" / "x.json").read_bytes() == b"{}"
+
+
+def test_a_checkpoint_of_an_older_version_is_checked_against_its_sha256_file(tmp_path):
+    import hashlib
+
+    path = tmp_path / "ckpt-000000001.pt"
+    torch.save(fake_state(1), path)  # older versions: no digest inside, a .sha256 file beside
+    sidecar = tmp_path / "ckpt-000000001.pt.sha256"
+    sidecar.write_text(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.name}\n")
+    assert load_checkpoint(path)["global_step"] == 1
+    for text in (f"{'0' * 64}  {path.name}\n", "\n"):
+        sidecar.write_text(text)
+        with pytest.raises(CheckpointError, match="does not match ckpt-000000001.pt.sha256"):
+            load_checkpoint(path)
