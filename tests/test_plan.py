@@ -156,3 +156,12 @@ def test_cutmix_refuses_a_negative_position_or_an_empty_batch():
     for step, epoch, batch in ((-1, 0, 4), (0, -1, 4), (0, 0, 0)):
         with pytest.raises(ValueError, match="must be >= 0 and batch_size"):
             plan_cutmix(0, epoch, step, batch, height=4, width=4)
+
+
+def test_crop_plan_refuses_a_negative_epoch_and_indices_outside_32_bits():
+    one = np.array([5])
+    plan_crops(0, 0, np.array([0]), one, one)
+    plan_crops(0, 0, np.array([2**32 - 1]), one, one)  # the largest index the counter holds
+    for epoch, index in ((-1, 0), (0, -1), (0, 2**32)):
+        with pytest.raises(ValueError, match=r"epoch must be >= 0 and dataset indices in \[0, 2\*\*32\)"):
+            plan_crops(0, epoch, np.array([index]), one, one)
