@@ -35,7 +35,7 @@ lint: $(VENV)/.installed-dev
 
 # Mutation testing (not CI; docs/mutation.md): mutmut changes one operator, constant or argument at a time in
 # the modules below and runs the tests that cover the changed function ([tool.mutmut] in pyproject.toml names
-# the test files). One module at a time, niced: about an hour on 2 shared cores. A survivor is a bug the tests
+# the test files). One module at a time, niced; all six take hours on 2 shared cores. A survivor is a bug the tests
 # would miss, or an equivalent change (explained in docs/mutation.md). `make mutation MUTATION_MODULES=losses`
 # runs one module; results accumulate in mutants/ (`mutmut show NAME` prints a mutant's diff).
 MUTATION_MODULES ?= losses plan store build checkpoint config
