@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: demo test test-gpu lint install install-dev clean
+.PHONY: demo test test-gpu lint install install-dev clean mutation
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,5 +33,32 @@ test-gpu: $(VENV)/.installed-dev
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 
+# Mutation testing (not CI; docs/mutation.md): mutmut changes one operator, constant or argument at a time in
+# the modules below and runs the tests that cover the changed function ([tool.mutmut] in pyproject.toml names
+# the test files). One module at a time, niced; all six take hours on 2 shared cores. A survivor is a bug the tests
+# would miss, or an equivalent change (explained in docs/mutation.md). `make mutation MUTATION_MODULES=losses`
+# runs one module; results accumulate in mutants/ (`mutmut show NAME` prints a mutant's diff).
+MUTATION_MODULES ?= losses plan store build checkpoint config
+MUTANTS_losses := 'fastmeal.losses.*'
+MUTANTS_plan := 'fastmeal.data.plan.*'
+MUTANTS_store := 'fastmeal.bank.store.*'
+MUTANTS_build := 'fastmeal.bank.build.*'
+# checkpoint.py: the digest, the atomic writes, reading/validating and the manifest (not the RNG or export helpers)
+MUTANTS_checkpoint := $(foreach f,state_digest _feed atomic_write_bytes atomic_torch_save *_HashingWriter* _fsync_dir \
+	_disk_full* remove_temporaries load_checkpoint *CheckpointManager*publish *CheckpointManager*heal \
+	*CheckpointManager*manifest *CheckpointManager*_export_current *CheckpointManager*_prune,'fastmeal.checkpoint.*$(f)__mutmut_*')
+# config.py: the LR regime only
+MUTANTS_config := 'fastmeal.config.*lr_at__mutmut_*' 'fastmeal.config.*ScheduleConfig*__post_init____mutmut_*'
+
+mutation: $(VENV)/.installed-dev
+	$(PIP) install -q 'mutmut==3.8.1'
+	@for m in $(MUTATION_MODULES); do \
+		case $$m in losses) names=$(MUTANTS_losses);; plan) names=$(MUTANTS_plan);; store) names=$(MUTANTS_store);; \
+			build) names=$(MUTANTS_build);; checkpoint) names="$(MUTANTS_checkpoint)";; config) names="$(MUTANTS_config)";; \
+			*) echo "unknown module $$m"; exit 2;; esac; \
+		echo "== mutation: $$m"; eval nice -n 15 $(BIN)/mutmut run --max-children 2 $$names || exit 1; \
+	done
+	$(BIN)/python tests/mutation_summary.py --survivors
+
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) demo_out .pytest_cache mutants

@@ -12,16 +12,17 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from gloo_world import run_world
-from tiny import DISK_CLASSES, cli_worker, jpeg_dataset, teacher_files
+from tiny import DISK_CLASSES, cli_worker, jpeg_dataset, kill_before_fs_call, one_intraop_thread, teacher_files
 
 from fastmeal.bank import BankError, store
-from fastmeal.bank.build import build_bank, round_down_half, soft_label_records
+from fastmeal.bank.build import build_bank, parse_epochs, round_down_half, soft_label_records
 from fastmeal.bank.replay import BankLoader, open_bank
 from fastmeal.config import ConfigError, build_config
 from fastmeal.data import build_loader, dali_available
@@ -103,6 +104,24 @@ def test_replayed_crops_are_the_builders_and_records_the_ensembles_top_k(files, 
         for i, image in zip(order, torch.cat(batches), strict=True):
             seen[(epoch, int(i))] = image
 
+    # The summary's means over every record, computed here: the captured top-2 mass of p = mean_k softmax(t_k),
+    # and KL(p || decoded) with the stored fp16 top-2 and the rest spread over the other class.
+    reader = store.BankReader(tmp_path / "bank", epochs=range(EPOCHS))
+    keys = sorted(seen)
+    with torch.no_grad():
+        p = torch.softmax(spy.ensemble(torch.stack([seen[k] for k in keys])).double(), -1).mean(0)
+    kl, mass = [], []
+    for row, (epoch, i) in zip(p, keys, strict=True):
+        probs, classes = reader.records(epoch, np.array([i]))
+        kept = torch.from_numpy(probs[0].astype(np.float64))
+        decoded = torch.full_like(row, (1 - kept.sum().item()) / (DISK_CLASSES - 2))
+        decoded[torch.from_numpy(classes[0].astype(np.int64))] = kept
+        kl.append((row * (row / decoded).log()).sum().item())
+        mass.append(row.topk(2).values.sum().item())
+    assert summary["kl"] == pytest.approx(np.mean(kl), rel=1e-3, abs=1e-6)
+    assert summary["captured_mass"] == pytest.approx(np.mean(mass), rel=1e-5)
+    assert summary["bytes_per_record"] == 4 + 4 * 2 and summary["bytes_per_epoch"] == 18 * (4 + 4 * 2)
+
     # A training run with another batch size replays the same crops with their records.
     train_cfg = _cfg(files, tmp_path / "run", **{"data.batch_size": 6, "bank.path": tmp_path / "bank"})
     loader = build_loader(train_cfg, "train", device=CPU)
@@ -118,12 +137,39 @@ def test_replayed_crops_are_the_builders_and_records_the_ensembles_top_k(files, 
             idx = order[step * 6:(step + 1) * 6]
             for image, i in zip(images, idx, strict=True):
                 assert torch.equal(image, seen[(epoch, int(i))]), f"epoch {epoch} image {i}: another crop"
-            want_probs, want_classes, _, _ = soft_label_records(ensemble(images), 2)
-            assert torch.equal(classes, want_classes)
-            torch.testing.assert_close(probs, want_probs, rtol=1e-3, atol=1e-4)  # fp16 of ~equal fp32 values
+            # The ensemble's top-2 of p = mean_k softmax(t_k) (SPEC step 2), computed here in float64.
+            want_probs, want_classes = torch.softmax(ensemble(images).double(), -1).mean(0).topk(2, dim=-1)
+            assert torch.equal(classes.long(), want_classes)
+            torch.testing.assert_close(probs.double(), want_probs, rtol=2**-10, atol=1e-6)  # stored in fp16
             assert probs.dtype == torch.float16 and classes.dtype == torch.int16 and labels.shape == (len(idx),)
             count += len(idx)
         assert count == 18
+
+
+def test_records_are_the_top_k_of_the_mean_of_softmaxes_of_teachers_of_different_confidence(files, tmp_path):
+    """SPEC step 2: ``p = mean_k softmax(t_k)``. One sharp and one flat teacher, where the softmax of the mean
+    logits (or any other mix) gives other probabilities; checked on the records a reader returns."""
+    cfg = _cfg(files, tmp_path / "run")
+    ensemble = build_teachers(cfg, CPU)
+    calls = []
+
+    def teachers(images):
+        t = ensemble(images)
+        t = torch.stack([t[0] * (12 / t[0].std()), t[1] * (0.5 / t[1].std())])
+        calls.append(t)
+        return t
+
+    _build(cfg, tmp_path / "bank", teachers, epochs=range(1))
+    order = torch.as_tensor(build_loader(cfg, "train", device=CPU).epoch_indices(0))
+    logits = torch.cat(calls, dim=1).double()  # [2, 18, C] in the build's order
+    p = torch.softmax(logits, -1).mean(0)
+    want_probs, want_classes = p.topk(2, dim=-1)
+    probs, classes = store.BankReader(tmp_path / "bank", epochs=[0]).records(0, order.numpy())
+    assert np.array_equal(classes.astype(np.int64), want_classes.numpy())
+    np.testing.assert_allclose(probs.astype(np.float64), want_probs.numpy(), rtol=2**-10, atol=1e-6)
+    # The case tells the rules apart: the softmax of the mean logits is far from these records.
+    other = torch.softmax(logits.mean(0), -1).gather(1, want_classes)
+    assert (other - want_probs).abs().max() > 0.05
 
 
 @pytest.mark.skipif(not dali_available(), reason="DALI is not installed")
@@ -178,6 +224,70 @@ def test_a_killed_build_resumes_to_the_same_bytes(files, tmp_path, caplog):
         assert (tmp_path / "straight" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
     for path in (tmp_path / "straight" / "chunks").iterdir():
         assert json.loads(path.read_text()) == json.loads((tmp_path / "resumed" / "chunks" / path.name).read_text())
+
+
+def _build_rank(cfg, out, rank, ensemble):
+    """Rank ``rank`` of a 2-rank build, in this process (the ranks' files and chunks are disjoint)."""
+    loader = build_loader(cfg, "train", rank=rank, world_size=2, device=CPU)
+    info = [{"tag": t.tag, "weights": t.weights, "sha256": "test"} for t in cfg.model.teachers]
+    return build_bank(cfg, out, dist=DistInfo(rank=rank, world_size=2), progress=False, top_k=cfg.bank.top_k,
+                      chunk_records=cfg.bank.chunk_records, loader=loader, teachers=ensemble, teacher_info=info,
+                      epochs=range(1))
+
+
+def _rank_one_in_a_child(cfg, out, ensemble, kill_at: int, count_file: Path) -> int:
+    """Fork: build rank 1, SIGKILLed just before file-system call ``kill_at`` of writing its chunk 1."""
+    pid = os.fork()
+    if pid:
+        return os.waitpid(pid, 0)[1]
+    try:
+        logging.disable(logging.CRITICAL)
+        counter = [0]
+        write_chunk = store.EpochWriter.write_chunk
+
+        def armed(writer, chunk, records, stats):
+            if chunk == 1:
+                kill_before_fs_call(kill_at, counter)
+            write_chunk(writer, chunk, records, stats)
+            if chunk == 1:
+                count_file.write_text(str(counter[0]))
+
+        store.EpochWriter.write_chunk = armed
+        _build_rank(cfg, out, 1, ensemble)
+    finally:
+        os._exit(0)
+
+
+@pytest.mark.usefixtures(one_intraop_thread.__name__)
+def test_a_build_killed_before_each_file_system_call_of_a_chunk_resumes_to_the_same_bytes(files, tmp_path):
+    """SIGKILL before every file-system call of one chunk's write (records, fsync, its JSON), on rank 1 of a 2-rank
+    build with loader workers: the next build leaves the same files as a build that was never stopped."""
+    cfg = _cfg(files, tmp_path / "run", **{"data.workers": 2, "bank.chunk_records": 4})  # rank 1: chunks of 4, 4, 1
+    ensemble = build_teachers(cfg, CPU)
+    straight = tmp_path / "straight"
+    for rank in (0, 1):
+        _build_rank(cfg, straight, rank, ensemble)
+    count_file = tmp_path / "count"
+    base = tmp_path / "base"
+    _build_rank(cfg, base, 0, ensemble)
+    shutil.copytree(base, tmp_path / "counted")
+    assert _rank_one_in_a_child(cfg, tmp_path / "counted", ensemble, -1, count_file) == 0
+    total = int(count_file.read_text())
+    assert total >= 8  # records: open, pwrite, fsync; JSON: mkdir, open, fsync, replace, directory open + fsync
+    for k in range(total):
+        work = tmp_path / f"k{k}"
+        shutil.copytree(base, work)
+        status = _rank_one_in_a_child(cfg, work, ensemble, k, count_file)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (k, status)
+        with pytest.raises(BankError, match=r"lacks epoch\(s\) 0"):  # the killed chunk is not taken as done
+            store.BankReader(work, epochs=[0])
+        _build_rank(cfg, work, 1, ensemble)
+        for path in sorted(straight.rglob("*")):
+            if path.is_file() and path.name != "manifest.json":  # (its summary is rank 0's, written before rank 1)
+                assert path.read_bytes() == (work / path.relative_to(straight)).read_bytes(), (k, path.name)
+        assert sorted(p.relative_to(work) for p in work.rglob("*")) == sorted(
+            p.relative_to(straight) for p in straight.rglob("*")), k  # no temporary left
+        shutil.rmtree(work)
 
 
 def test_epoch_ranges_built_by_separate_jobs_combine(files, tmp_path):
@@ -392,6 +502,7 @@ def test_command_line_build(files, tmp_path, capsys):
     assert manifest["top_k"] == 3 and manifest["record_bytes"] == 16
     assert [t["tag"] for t in manifest["teachers"]] == ["test_resnet", "test_resnet"]
     assert all(len(t["sha256"]) == 64 for t in manifest["teachers"])
+    assert [t["weights"] for t in manifest["teachers"]] == [str(p) for p in files[1]]
     assert manifest["teachers"][0]["sha256"] != manifest["teachers"][1]["sha256"]
     assert main(args[:-2] + ["--epochs", "0:x"]) == 2
     assert "must look like A:B" in capsys.readouterr().err
@@ -411,3 +522,13 @@ def test_records_round_down_so_a_confident_teacher_keeps_a_remainder():
     assert probs[0].float().sum() < 1 and torch.isfinite(kl).all() and (kl > -1e-6).all()
     assert (classes[:, 0] == 3).all()
     torch.testing.assert_close(mass, torch.softmax(logits[0], -1).topk(2).values.sum(-1))
+
+
+def test_epochs_argument():
+    assert parse_epochs(None, 3) == parse_epochs("", 3) == range(3)  # the whole schedule
+    assert parse_epochs("0:2", 9) == range(0, 2) and parse_epochs("7:9", 9) == range(7, 9)
+    for bad in ("2:2", "3:1", "-1:2"):
+        with pytest.raises(BankError, match="must have 0 <= A < B"):
+            parse_epochs(bad, 9)
+    with pytest.raises(BankError, match="must look like A:B"):
+        parse_epochs("1-3", 9)

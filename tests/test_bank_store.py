@@ -1,6 +1,7 @@
 """The soft-label bank's on-disk format: records, chunks, manifest, and every refusal of the reader."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -17,13 +18,14 @@ def _manifest(**over):
     return store.make_manifest(**fields)
 
 
-def _write_epoch(root, manifest, epoch, *, world_size=2, chunk_records=128, seed=0):
-    """Each rank writes a random permutation's slice of the dataset, as a build would; returns the truth."""
+def _write_epoch(root, manifest, epoch, *, world_size=3, chunk_records=128, seed=0, order=None):
+    """Each rank writes its slice of ``order`` (default: a random permutation of the dataset), padded to a
+    multiple of the world size like DistributedSampler, as a build would; returns the truth by image."""
     n = manifest["dataset_size"]
     rng = np.random.default_rng(seed + epoch)
-    order = rng.permutation(n)
-    per_rank = -(-n // world_size)
-    order = np.concatenate([order, order[:per_rank * world_size - n]])  # padded like DistributedSampler
+    order = rng.permutation(n) if order is None else np.asarray(order)
+    per_rank = -(-len(order) // world_size)
+    order = np.concatenate([order, order[:per_rank * world_size - len(order)]])  # padded like DistributedSampler
     table = {"probs": rng.random((n, 5)).astype(np.float16), "classes": rng.integers(0, 10, (n, 5)).astype(np.int16)}
     truth = {i: (table["probs"][i], table["classes"][i]) for i in range(n)}
     layout = store.EpochLayout(world_size=world_size, records_per_rank=per_rank, chunk_records=chunk_records)
@@ -35,7 +37,7 @@ def _write_epoch(root, manifest, epoch, *, world_size=2, chunk_records=128, seed
             idx = mine[chunk * chunk_records:chunk * chunk_records + count]
             rows = np.zeros(count, dtype=writer.dtype)
             rows["index"] = idx
-            rows["probs"], rows["classes"] = table["probs"][idx], table["classes"][idx]
+            rows["probs"], rows["classes"] = table["probs"][idx % n], table["classes"][idx % n]
             writer.write_chunk(chunk, rows, {"mass_sum": 0.9 * count, "kl_sum": 0.01 * count, "samples": count})
     return truth
 
@@ -57,6 +59,8 @@ def test_reader_returns_each_images_record_whatever_the_build_order(bank):
     root, truths = bank
     reader = store.BankReader(root, expect={"seed": 3, "dataset_digest": "d1"}, epochs=range(2))
     assert reader.epochs == [0, 1]
+    # 1000 images over 3 build ranks: 1002 records, two images twice (the sampler's padding).
+    assert sum(c["count"] for c in store.scan_chunks(root)[0]) == 1002
     for epoch, truth in truths.items():
         query = np.array([999, 0, 17, 500, 17])
         probs, classes = reader.records(epoch, query)
@@ -90,8 +94,11 @@ def test_refuses_missing_epochs(bank):
 def test_refuses_an_unfinished_epoch(bank):
     root, _ = bank
     next(iter(sorted((root / "chunks").glob("e0001-*")))).unlink()
-    with pytest.raises(store.BankError, match=r"1 \(1 of 8 chunks not finished\)"):
+    with pytest.raises(store.BankError, match=r"1 \(1 of 9 chunks not finished\)"):
         store.BankReader(root, epochs=range(2))
+    assert store.BankReader(root).epochs == [0]  # what the bank holds: the complete epochs only
+    # 1000 images over 3 ranks: 334 records per rank, chunks of 128
+    assert store.complete_epochs(root) == {0: store.EpochLayout(world_size=3, records_per_rank=334, chunk_records=128)}
 
 
 def test_refuses_a_truncated_file(bank):
@@ -111,8 +118,23 @@ def test_refuses_damaged_records_naming_the_chunk(bank):
     path.write_bytes(bytes(data))
     reader = store.BankReader(root, epochs=range(2))  # sizes are fine: checksums are checked on first use
     reader.records(1, np.arange(3))
-    with pytest.raises(store.BankError, match=r"e0000-w2-r0-c0000.json fail their CRC-32"):
+    with pytest.raises(store.BankError, match=r"e0000-w3-r0-c0000.json fail their CRC-32"):
         reader.records(0, np.arange(3))
+
+
+@pytest.mark.parametrize("change,message", [
+    # image 1 twice, image 0 never: a record for every position, none for image 0
+    (lambda order: np.where(order == 0, 1, order), r"has no record for 1 image\(s\) of the dataset \(e\.g\. index 0\)"),
+    (lambda order: np.where(order == 7, -1, order), "holds a negative dataset index"),
+    (lambda order: np.where(order == 7, 1000, order), "names dataset index 1000 but the dataset has 1000 images"),
+])
+def test_refuses_an_epoch_that_does_not_hold_each_image_once(tmp_path, change, message):
+    root = tmp_path / "bank"
+    manifest = store.open_or_create(root, _manifest())
+    _write_epoch(root, manifest, 0, order=change(np.random.default_rng(5).permutation(1000)))
+    reader = store.BankReader(root, epochs=[0])  # complete and of the right size: checked when first read
+    with pytest.raises(store.BankError, match=message):
+        reader.records(0, np.array([0, 1]))
 
 
 def test_refuses_a_damaged_manifest_and_a_missing_folder(bank, tmp_path):
@@ -159,3 +181,47 @@ def test_a_teacher_is_its_tag_and_weights_not_where_its_file_lies(tmp_path):
     with pytest.raises(store.BankError, match=r"teachers: the bank has \[\('a', 's1'\)\], this run has "
                                               r"\[\('a', 's2'\)\]"):
         store.open_or_create(tmp_path, store.make_manifest(teachers=other, **fields))
+
+
+def test_a_chunk_is_synced_before_its_json_which_is_synced_before_its_rename(tmp_path, monkeypatch):
+    from test_checkpoint import _record_syncs
+
+    root = tmp_path / "b"
+    manifest = store.open_or_create(root, _manifest(dataset_size=10))
+    writer = store.EpochWriter(root, manifest, 0, store.EpochLayout(world_size=1, records_per_rank=10,
+                                                                     chunk_records=10), 0)
+    events = _record_syncs(monkeypatch)
+    rows = np.zeros(10, dtype=writer.dtype)
+    rows["index"] = np.arange(10)
+    writer.write_chunk(0, rows, {"samples": 10})
+    final = store.chunk_file(root, 0, 1, 0, 0)
+    tmp = str(final.with_name(f".{final.name}.tmp-{os.getpid()}"))
+    assert events == [("fsync", str(store.epoch_file(root, 0))), ("fsync", tmp), ("replace", tmp, str(final)),
+                      ("fsync", str(final.parent))]
+
+
+def test_an_epoch_not_announced_up_front_is_checked_when_first_read(bank):
+    root, truths = bank
+    reader = store.BankReader(root)  # no epochs announced
+    probs, classes = reader.records(1, np.array([3]))
+    np.testing.assert_array_equal(probs[0], truths[1][3][0])
+    np.testing.assert_array_equal(classes[0], truths[1][3][1])
+    with pytest.raises(store.BankError, match=r"has no complete epoch 7 \(not built\)"):
+        reader.records(7, np.array([3]))
+    next(iter(sorted((root / "chunks").glob("e0000-*")))).unlink()
+    with pytest.raises(store.BankError, match=r"has no complete epoch 0 \(1 of 9 chunks not finished\)"):
+        store.BankReader(root).records(0, np.array([3]))
+
+
+def test_teacher_hash_is_sha256_of_names_dtypes_shapes_and_bytes():
+    """The documented format, computed here with hashlib: a bank's teacher identity must not drift between versions."""
+    import hashlib
+
+    import torch
+
+    state = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "n": torch.tensor(7), "e": torch.zeros(0)}
+    h = hashlib.sha256()
+    h.update(b"e|torch.float32|(0,)|")
+    h.update(b"n|torch.int64|(1,)|" + (7).to_bytes(8, "little"))
+    h.update(b"w|torch.float32|(6,)|" + np.arange(6, dtype="<f4").tobytes())
+    assert store.hash_state_dict(state) == h.hexdigest()

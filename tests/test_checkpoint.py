@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import random
+import struct
+import zipfile
 
 import numpy as np
 import pytest
 import timm
 import torch
+from tiny import make_trainer, tiny_config
 
 from fastmeal.checkpoint import (
     FORMAT,
@@ -23,6 +26,7 @@ from fastmeal.checkpoint import (
     capture_rng_state,
     file_sha256,
     load_checkpoint,
+    remove_temporaries,
     restore_rng_state,
     save_student_weights,
     state_digest,
@@ -79,6 +83,103 @@ def test_a_flipped_byte_is_detected_although_torch_load_would_accept_it(tmp_path
     assert not torch.equal(torch.load(path, weights_only=True)["student"]["w"], torch.full((64, 64), 1.0))
     with pytest.raises(CheckpointError, match="damaged or truncated.*digest stored in it"):
         load_checkpoint(path)
+
+
+@pytest.fixture(scope="module")
+def trainer_checkpoint(tmp_path_factory):
+    """A real trainer checkpoint: MEAL V2 with its discriminator, momentum, amp-fp16's grad scaler, RNG states."""
+    run = tmp_path_factory.mktemp("trainer_ckpt") / "run"
+    make_trainer(tiny_config(run, **{"precision.mode": "amp-fp16", "schedule.epochs": 1})).fit()
+    return CheckpointManager(run / "checkpoints").checkpoints()[0]
+
+
+def _storages(data: bytes) -> list[tuple[str, int, int]]:
+    """``(name, offset, size)`` of every tensor storage in a ``torch.save`` zip (stored uncompressed)."""
+    import io
+
+    out = []
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        for info in z.infolist():
+            if "/data/" in info.filename and info.file_size:
+                name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+                out.append((info.filename, info.header_offset + 30 + name_len + extra_len, info.file_size))
+    return out
+
+
+def test_a_flipped_byte_in_any_tensor_of_a_trainer_checkpoint_is_detected(trainer_checkpoint, tmp_path):
+    data = trainer_checkpoint.read_bytes()
+    state = torch.load(trainer_checkpoint, weights_only=True)
+    tensors = [t for t in _leaves(state) if isinstance(t[1], torch.Tensor) and t[1].numel()]
+    storages = _storages(data)
+    # RNG states (in lists), optimiser momentum, student, discriminator: each tensor has a storage of its own.
+    assert len(storages) == len(tensors) and any(p[0] == "rng" for p, _ in tensors)
+    for _, offset, size in storages:
+        damaged = bytearray(data)
+        damaged[offset + size // 2] ^= 0xFF
+        path = tmp_path / "ckpt-000000001.pt"
+        path.write_bytes(bytes(damaged))
+        torch.load(path, weights_only=True)  # torch reads it without complaint ...
+        with pytest.raises(CheckpointError, match="digest stored in it"):  # ... the digest does not
+            load_checkpoint(path)
+
+
+def _leaves(obj, path=()):
+    """``(path, value)`` of every tensor and plain value; of a long list, its first, middle and last items."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _leaves(value, (*path, key))
+    elif isinstance(obj, list | tuple):
+        picks = range(len(obj)) if len(obj) <= 6 else (0, len(obj) // 2, len(obj) - 1)
+        for i in picks:
+            yield from _leaves(obj[i], (*path, i))
+    else:
+        yield path, obj
+
+
+def _changed(value):
+    """Another value of the same kind: a tensor with one byte flipped, a number moved, a string extended."""
+    if isinstance(value, torch.Tensor):
+        value = value.clone()
+        raw = value.reshape(-1).view(torch.uint8)
+        raw[raw.numel() // 2] ^= 0xFF
+        return value
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int | float):
+        return value + 1 if value == value else 0.0
+    if isinstance(value, str):
+        return value + "x"
+    return 0  # None
+
+
+def _set(obj, path, value):
+    for key in path[:-1]:
+        obj = obj[key]
+    if isinstance(obj, tuple):
+        raise TypeError(f"tuple at {path}")  # weights_only loads never give tuples here
+    obj[path[-1]] = value
+
+
+def test_any_changed_field_of_a_trainer_checkpoint_is_detected(trainer_checkpoint, tmp_path):
+    """Every field that decides the run (position, config, RNG states in nested lists, optimiser and scaler
+    settings, the evaluation) and every tensor: changed and saved without a new digest, the file is refused."""
+    state = torch.load(trainer_checkpoint, weights_only=True)
+    leaves = [(p, v) for p, v in _leaves(state) if not (isinstance(v, torch.Tensor) and v.numel() == 0)]
+    fields = {p[0] for p, _ in leaves}
+    assert {"epoch", "step_in_epoch", "global_step", "config", "rng", "scaler", "optimizer", "discriminator",
+            "student", "last_eval"} <= fields
+    assert any(p[:2] == ("rng", 0) and p[2] == "python" for p, _ in leaves)  # Python's RNG: ints in nested lists
+    path = tmp_path / "ckpt-000000001.pt"
+    for where, value in leaves:
+        _set(state, where, _changed(value))
+        torch.save(state, path)
+        _set(state, where, value)
+        # A changed format or version is refused for that reason before the digest is checked.
+        match = "digest stored in it" if where[0] not in ("format", "version") else None
+        with pytest.raises(CheckpointError, match=match):
+            load_checkpoint(path)
+    torch.save(state, path)
+    assert load_checkpoint(path)["global_step"] == state["global_step"]  # restored: accepted again
 
 
 def test_truncated_foreign_and_future_files_are_rejected(tmp_path):
@@ -163,3 +264,104 @@ def test_student_weights_load_with_timm_checkpoint_path(tmp_path):
         for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
             assert torch.equal(a, b), (path.name, k)
     assert isinstance(torch.load(pth, weights_only=True), dict)
+
+
+def _record_syncs(monkeypatch) -> list[tuple[str, ...]]:
+    """Log every ``os.fsync`` (by the path of the synced descriptor) and ``os.replace``, in order."""
+    import os
+
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def logged_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def logged_replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", logged_fsync)
+    monkeypatch.setattr(os, "replace", logged_replace)
+    return events
+
+
+def test_an_atomic_write_syncs_the_file_before_its_rename_and_the_directory_after(tmp_path, monkeypatch):
+    """What survives a power cut rather than a kill (no test can cut the power): the order of the syncs."""
+    import os
+
+    events = _record_syncs(monkeypatch)
+    path = tmp_path / "ckpt-000000001.pt"
+    atomic_torch_save(fake_state(1), path)
+    tmp = str(tmp_path / f".{path.name}.tmp-{os.getpid()}")
+    assert events == [("fsync", tmp), ("replace", tmp, str(path)), ("fsync", str(tmp_path))]
+
+
+def test_temporaries_of_gone_writers_are_removed_and_a_live_writers_kept(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        names = {f".ckpt-000000001.pt.tmp-{pid}": pid for pid in (live.pid, dead.pid, os.getpid())}
+        for name in names:
+            (tmp_path / name).write_bytes(b"half")
+        (tmp_path / "notes.tmp-1").write_bytes(b"not a temporary: no leading dot")
+        (tmp_path / ".x.tmp-abc").write_bytes(b"not a temporary: no PID")
+        removed = {p.name for p in remove_temporaries(tmp_path)}
+        # This process's own leftovers are a killed earlier run's (the run dir's lock is held): removed too.
+        assert removed == {f".ckpt-000000001.pt.tmp-{dead.pid}", f".ckpt-000000001.pt.tmp-{os.getpid()}"}
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [".x.tmp-abc", "notes.tmp-1", f".ckpt-000000001.pt.tmp-{live.pid}"])
+    finally:
+        live.kill()
+        live.wait()
+
+
+class _NotPlainData:
+    """An object a weights-only load must refuse (arbitrary pickled code)."""
+
+
+def test_only_plain_data_is_loaded(tmp_path):
+    path = tmp_path / "ckpt-000000001.pt"
+    torch.save({**fake_state(1), "extra": _NotPlainData()}, path)
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_checkpoint(path)
+
+
+def test_a_renamed_field_of_a_checkpoint_is_detected(tmp_path):
+    path = tmp_path / "ckpt-000000001.pt"
+    atomic_torch_save({**fake_state(1), "best_top1": 50.0, "last_eval": {"top1": 50.0}}, path)
+    state = torch.load(path, weights_only=True)
+    state["last_eval"] = {"top5": state["last_eval"]["top1"]}  # same value under another name
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match="digest stored in it"):
+        load_checkpoint(path)
+
+
+def test_plain_objects_are_saved_as_given_and_parents_are_made(tmp_path):
+    weights = {"w": torch.ones(2)}
+    path = tmp_path / "a" / "b" / "weights.pt"
+    atomic_torch_save(weights, path)  # not a checkpoint: no digest added
+    assert torch.load(path, weights_only=True).keys() == {"w"}
+    from fastmeal.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(tmp_path / "c" / "d" / "x.json", b"{}")
+    assert (tmp_path / "c" / "d" / "x.json").read_bytes() == b"{}"
+
+
+def test_a_checkpoint_of_an_older_version_is_checked_against_its_sha256_file(tmp_path):
+    import hashlib
+
+    path = tmp_path / "ckpt-000000001.pt"
+    torch.save(fake_state(1), path)  # older versions: no digest inside, a .sha256 file beside
+    sidecar = tmp_path / "ckpt-000000001.pt.sha256"
+    sidecar.write_text(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.name}\n")
+    assert load_checkpoint(path)["global_step"] == 1
+    for text in (f"{'0' * 64}  {path.name}\n", "\n"):
+        sidecar.write_text(text)
+        with pytest.raises(CheckpointError, match="does not match ckpt-000000001.pt.sha256"):
+            load_checkpoint(path)

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from fastmeal import cli
 from fastmeal.cli import build_parser, main
 from fastmeal.metrics import read_jsonl
 
@@ -35,8 +36,10 @@ def trained(dataset, tmp_path_factory):
 
 def test_parser_has_the_commands():
     parser = build_parser()
-    for argv in (["train", "--preset", "demo"], ["eval", "--model", "x", "--data", "d"], ["demo", "--out", "o"]):
-        assert callable(parser.parse_args(argv).func)
+    for argv, func in ((["train", "--preset", "demo"], cli.cmd_train), (["eval", "--model", "x", "--data", "d"],
+                       cli.cmd_eval), (["demo", "--out", "o"], cli.cmd_demo), (["bank", "build", "--out", "b"],
+                       cli.cmd_bank_build), (["config", "show"], cli.cmd_config_show)):
+        assert parser.parse_args(argv).func is func, argv
 
 
 def test_train_writes_a_run(trained, capsys):

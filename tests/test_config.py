@@ -93,6 +93,9 @@ def test_unknown_key_lists_valid_keys():
     ("data.batch_size", "2.5", "integer"),
     ("optim.momentum", "1.5", "optim.momentum"),
     ("schedule.lr_steps", "150:0.001,101:0.01", "increasing"),
+    ("schedule.lr_steps", "-1:0.01", "increasing, distinct epochs >= 0"),
+    ("schedule.lr_steps", "10:0", "schedule.lr_steps[10]"),
+    ("schedule.epochs", "0", "schedule.epochs"),
     ("profile.nsys_steps", "10", "A:B"),
     ("loss.impl", "cuda", "auto, torch, triton"),
     ("precision.channels_last", "maybe", "true or false"),
@@ -252,3 +255,8 @@ def test_key_errors_say_what_the_user_meant(tmp_path):
         build_config("demo", overrides=parse_set_args(["model.teachers=test_resnet@/w/a,b.pth"]))
     cfg = build_config("demo", overrides=parse_set_args(['model.teachers=["test_resnet@/w/a,b.pth"]']))
     assert cfg.model.teachers == (TeacherConfig(tag="test_resnet", weights="/w/a,b.pth"),)
+
+
+def test_an_lr_step_at_epoch_0_replaces_optim_lr_from_the_start():
+    cfg = build_config("r50_224", overrides={"optim.lr": "0.1", "schedule.lr_steps": "0:0.05,3:0.005"})
+    assert [cfg.lr_at(e) for e in (0, 2, 3, 9)] == [0.05, 0.05, 0.005, 0.005]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import pytest
@@ -20,11 +22,14 @@ SHRUNK = DemoSettings(
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    return out, run_demo(out, seed=1, settings=SHRUNK, progress=False)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        summary = run_demo(out, seed=1, settings=SHRUNK, progress=False)
+    return out, summary, printed.getvalue()
 
 
 def test_summary_json_has_every_stage(demo):
-    out, summary = demo
+    out, summary, _ = demo
     written = json.loads((out / "summary.json").read_text())
     for key in ("teachers", "baseline", "distilled", "control", "bank_distilled"):
         assert 0.0 <= written[key]["top1"] <= written[key]["top5"] <= 100.0
@@ -42,7 +47,7 @@ def test_summary_json_has_every_stage(demo):
 
 
 def test_the_bank_stage_replays_the_distillations_run_without_teachers(demo):
-    out, _ = demo
+    out, _, _ = demo
     online = json.loads((out / "distilled" / "config.json").read_text())
     bank = json.loads((out / "bank_distilled" / "config.json").read_text())
     assert bank["bank"]["path"] == str(out / "bank") and online["bank"]["path"] == ""
@@ -55,7 +60,7 @@ def test_the_bank_stage_replays_the_distillations_run_without_teachers(demo):
 
 
 def test_the_distillation_starts_from_the_files_the_earlier_stages_wrote(demo):
-    out, summary = demo
+    out, summary, _ = demo
     cfg = json.loads((out / "distilled" / "config.json").read_text())
     assert cfg["loss"]["mode"] == "meal_v2"
     assert cfg["model"]["student_weights"] == str(out / "baseline" / "student_last.safetensors")
@@ -74,18 +79,29 @@ def test_the_distillation_starts_from_the_files_the_earlier_stages_wrote(demo):
     assert {"kd", "d", "kl"} <= set(next(r for r in records if r["kind"] == "train"))
 
 
-def test_the_table_is_printed(demo, capsys):
-    from fastmeal.demo import format_table
-
-    table = format_table(demo[1])
-    for row in ("teacher 0", "teacher 1", "teachers (ensemble)", "baseline (hard labels)", "distilled (MEAL V2)",
-                "control (more hard labels)", "distilled - baseline", "distilled - control",
-                "distilled from the bank", "bank vs online: top-1"):
-        assert row in table
+def test_the_table_is_printed(demo):
+    out, _, printed = demo
+    written = json.loads((out / "summary.json").read_text())
+    lines = printed.splitlines()
+    # One row per model with its top-1/top-5 as summary.json records them, then the margins.
+    teachers = written["teachers"]
+    for role, stage in (("teacher 0", teachers["members"][0]), ("teacher 1", teachers["members"][1]),
+                        ("teachers (ensemble)", teachers), ("baseline (hard labels)", written["baseline"]),
+                        ("distilled (MEAL V2)", written["distilled"]),
+                        ("control (more hard labels)", written["control"]),
+                        ("distilled from the bank", written["bank_distilled"])):
+        row = next((line for line in lines if line.startswith(role)), None)
+        assert row is not None, f"no printed row {role!r} in:\n{printed}"
+        assert f"{stage['top1']:8.2f}{stage['top5']:8.2f}" in row, row
+    assert f"distilled - baseline: {written['margin_top1']:+.2f} top-1" in printed
+    assert f"distilled - control: {written['margin_over_control_top1']:+.2f} top-1" in printed
+    bank, online = written["bank_distilled"]["top1"], written["distilled"]["top1"]
+    assert f"bank vs online: top-1 {bank:.2f} vs {online:.2f}" in printed
+    assert f"summary written to {out / 'summary.json'}" in printed
 
 
 def test_the_demo_writes_its_report(demo, capsys):
-    out, _ = demo
+    out, _, _ = demo
     report = out / "report"
     for name in ("accuracy.png", "loss.png", "throughput.png", "report.html", "report.md"):
         assert (report / name).stat().st_size > 0, name

@@ -48,11 +48,21 @@ def test_single_process_needs_no_process_group(monkeypatch):
     info = init_distributed("cpu")
     assert info == DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     assert info.is_main and not info.distributed and not dist.is_initialized()
-    # Every collective helper is a no-op in a world of one.
+    # Every collective helper is a no-op in a world of one: no collective call, the buffers untouched.
+    def collective(*args, **kwargs):
+        raise AssertionError("a collective was called in a world of one")
+
+    for name in ("broadcast", "all_gather_object", "all_reduce", "barrier"):
+        monkeypatch.setattr(dist, name, collective)
     bn = nn.BatchNorm1d(3)
+    bn.running_mean.copy_(torch.tensor([1.0, -2.0, 3.0]))
+    bn.running_var.fill_(5.0)
+    bn.num_batches_tracked.fill_(7)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
     broadcast_buffers(bn)
+    assert all(torch.equal(v, before[k]) for k, v in bn.state_dict().items())
     assert all_gather_objects("x") == ["x"]
-    check_ranks_agree("anything", "a value")
+    assert check_ranks_agree("anything", "a value") is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")

@@ -7,9 +7,7 @@ are looked up in /proc afterwards) and what is on disk. The rest run ``fastmeal.
 
 from __future__ import annotations
 
-import builtins
 import errno
-import io
 import json
 import logging
 import os
@@ -23,7 +21,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import DISK_CLASSES, cli_train_args, jpeg_dataset, make_trainer, one_intraop_thread, tiny_config
+from tiny import (
+    DISK_CLASSES,
+    cli_train_args,
+    jpeg_dataset,
+    kill_before_fs_call,
+    make_trainer,
+    one_intraop_thread,
+    tiny_config,
+)
 
 from fastmeal.checkpoint import CheckpointManager, load_checkpoint, remove_temporaries
 from fastmeal.cli import main
@@ -374,26 +380,6 @@ def test_train_and_val_class_names_are_compared_at_start_up(data, tmp_path, caps
 # 6. A save killed before each of its file-system calls
 # --------------------------------------------------------------------------------------------
 
-_MUTATING_OS_CALLS = ("open", "replace", "rename", "link", "unlink", "fsync", "mkdir", "rmdir", "ftruncate", "write")
-
-
-def _kill_at(n: int, counter: list[int]) -> None:
-    """From now on, SIGKILL this process just before its ``n``-th file-system call (n < 0: only count them)."""
-
-    def wrap(fn):
-        def wrapper(*args, **kwargs):
-            if counter[0] == n:
-                os.kill(os.getpid(), signal.SIGKILL)
-            counter[0] += 1
-            return fn(*args, **kwargs)
-
-        return wrapper
-
-    for name in _MUTATING_OS_CALLS:
-        setattr(os, name, wrap(getattr(os, name)))
-    builtins.open = io.open = wrap(io.open)
-
-
 def _epoch_one_in_a_child(run_dir: Path, kill_at: int, count_file: Path) -> int:
     """Fork: resume ``run_dir`` and train epoch 1, killed before FS call ``kill_at`` of its epoch-end save."""
     pid = os.fork()
@@ -409,7 +395,7 @@ def _epoch_one_in_a_child(run_dir: Path, kill_at: int, count_file: Path) -> int:
 
         def armed_save(**kwargs):
             if kwargs.get("top1") is not None:
-                _kill_at(kill_at, counter)
+                kill_before_fs_call(kill_at, counter)
             return save(**kwargs)
 
         trainer.save_checkpoint = armed_save

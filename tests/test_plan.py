@@ -128,3 +128,40 @@ def test_cutmix_draw_is_keyed_and_well_formed():
     assert len({tuple(d[2].tolist()) for d in draws}) > 390  # permutations differ step to step
     assert 0.4 < np.mean([d[1] != (0, 0, 0, 0) for d in draws]) <= 1 and 0.3 < lams.mean() < 0.8
     assert plan_cutmix(3, 2, 7, 10, height=32, width=24)[2].tolist() != perm.tolist()
+
+
+@pytest.mark.parametrize("seed,epoch,height,width", [(3, 1, 32, 24), (2**33 + 5, 4, 17, 40)])
+def test_cutmix_box_and_permutation_are_the_reference_rules_on_the_keyed_words(seed, epoch, height, width):
+    """The CutMix reference's rand_bbox written out here, fed the uniforms of Philox block (step, epoch, 0, 2)
+    (key: the seed's low and high 32 bits; a uniform is word / 2**32), and the permutation that sorts the words
+    of blocks (step, epoch, k, 3). Checked against the known-answer Philox above."""
+    key = (seed & 0xFFFFFFFF, seed >> 32)
+    for step in range(60):
+        u = philox4x32(np.array([step, epoch, 0, 2]), key).astype(np.float64) / 2**32
+        cut = np.sqrt(1.0 - u[0])
+        cut_h, cut_w = int(height * cut), int(width * cut)
+        cy, cx = int(u[1] * height), int(u[2] * width)
+        box = (max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height),
+               max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width))
+        words = np.concatenate([philox4x32(np.array([step, epoch, k, 3]), key) for k in range(3)])[:10]
+        lam, got_box, perm = plan_cutmix(seed, epoch, step, 10, height=height, width=width)
+        assert got_box == box, step
+        assert lam == 1 - (box[1] - box[0]) * (box[3] - box[2]) / (height * width)
+        assert perm.dtype == np.int64
+        assert perm.tolist() == sorted(range(10), key=lambda i, words=words: (int(words[i]), i))
+
+
+def test_cutmix_refuses_a_negative_position_or_an_empty_batch():
+    plan_cutmix(0, 0, 0, 1, height=4, width=4)  # the first step of the first epoch, a batch of one
+    for step, epoch, batch in ((-1, 0, 4), (0, -1, 4), (0, 0, 0)):
+        with pytest.raises(ValueError, match="must be >= 0 and batch_size"):
+            plan_cutmix(0, epoch, step, batch, height=4, width=4)
+
+
+def test_crop_plan_refuses_a_negative_epoch_and_indices_outside_32_bits():
+    one = np.array([5])
+    plan_crops(0, 0, np.array([0]), one, one)
+    plan_crops(0, 0, np.array([2**32 - 1]), one, one)  # the largest index the counter holds
+    for epoch, index in ((-1, 0), (0, -1), (0, 2**32)):
+        with pytest.raises(ValueError, match=r"epoch must be >= 0 and dataset indices in \[0, 2\*\*32\)"):
+            plan_crops(0, epoch, np.array([index]), one, one)

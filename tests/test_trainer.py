@@ -23,6 +23,7 @@ from torch import nn
 from fastmeal.batch import Batch, cutmix_
 from fastmeal.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
 from fastmeal.config import ConfigError, build_config
+from fastmeal.data.plan import plan_cutmix
 from fastmeal.hooks import TrainerHook
 from fastmeal.losses import meal_v2_loss
 from fastmeal.metrics import read_jsonl
@@ -408,7 +409,59 @@ def test_cutmix_training_step_sees_the_mixed_batch(tmp_path):
     trainer.fit()
     train.set_epoch(0)
     first_batch = next(iter(train))[0]
-    assert len(seen) == 1 and not torch.equal(seen[0], first_batch)
+    mixed = cutmix_(Batch(first_batch.clone(), torch.zeros(len(first_batch), dtype=torch.int64)),
+                    seed=cfg.runtime.seed, epoch=0, step=0).images
+    assert len(seen) == 1 and not torch.equal(mixed, first_batch)
+    assert torch.equal(seen[0], mixed)  # the teachers saw step 0's mix of the batch, not another one
+
+
+def test_cutmix_hard_label_loss_is_lambda_ce_of_the_labels_plus_the_rest_ce_of_the_pasted_labels(tmp_path):
+    """CE mode: ``loss = λ·CE(s, y) + (1-λ)·CE(s, y[perm])``, λ and ``perm`` from the keyed draw (plan_cutmix)."""
+    cfg = tiny_config(tmp_path, **{"loss.mode": "ce", "data.cutmix": "true"})
+    trainer = make_trainer(cfg)
+    train, _ = make_data()
+    train.set_epoch(0)
+    checked = 0
+    for step, (images, labels) in enumerate(train):
+        _, (y1, y2, x1, x2), perm = plan_cutmix(cfg.runtime.seed, 0, step, len(labels), height=SIZE, width=SIZE)
+        lam = 1 - (y2 - y1) * (x2 - x1) / SIZE**2  # the share of each image that is still its own
+        perm = torch.from_numpy(perm)
+        mixed = images.clone()
+        mixed[:, :, y1:y2, x1:x2] = images[perm][:, :, y1:y2, x1:x2]
+        student = copy.deepcopy(trainer.model.student)  # the weights the step starts from
+        with torch.no_grad():
+            log_q = torch.log_softmax(student(mixed).double(), -1)
+
+        def ce(y, log_q=log_q):
+            return -log_q.gather(1, y[:, None]).mean().item()
+
+        want = lam * ce(labels) + (1 - lam) * ce(labels[perm])
+        trainer.step_in_epoch = step
+        loss = trainer.train_step(Batch(images, labels))["loss"].item()
+        assert loss == pytest.approx(want, rel=1e-5, abs=1e-6), step
+        # Only steps where λ and 1-λ swapped would give another loss can tell the two apart.
+        if abs(want - ((1 - lam) * ce(labels) + lam * ce(labels[perm]))) > 1e-3:
+            checked += 1
+    assert checked >= 2
+
+
+def test_fp16_grad_scaler_state_is_checkpointed_and_restored_on_the_cpu(tmp_path):
+    # amp-fp16 runs a GradScaler on the CPU too. Its default scale (65536) is what a fresh scaler has, so the run
+    # starts from another scale: a resume that ignored the checkpoint's scaler would then show.
+    cfg = tiny_config(tmp_path, **{"precision.mode": "amp-fp16", "schedule.epochs": 1})
+    trainer = make_trainer(cfg)
+    assert trainer.scaler.is_enabled()
+    trainer.scaler.scale(torch.ones(()))  # the scale tensor is created lazily
+    trainer.scaler.update(new_scale=1024.0)
+    trainer.fit()
+    state = trainer.scaler.state_dict()
+    assert state["scale"] <= 1024.0 and state["_growth_tracker"] > 0  # steps were taken with the set scale
+    resumed = make_trainer(tiny_config(tmp_path, **{"precision.mode": "amp-fp16", "schedule.epochs": 2}))
+    assert resumed.scaler.state_dict() != state
+    resumed.resume("auto")
+    assert resumed.scaler.state_dict() == state and resumed.global_step == trainer.global_step
+    resumed.fit()
+    assert resumed.epoch == 2
 
 
 def test_resolve_precision():

@@ -11,9 +11,11 @@ Two kinds of runs:
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import io
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -179,6 +181,31 @@ def make_trainer(cfg, *, rank: int = 0, world_size: int = 1, batchnorm: bool = F
     return Trainer(cfg, student=student, objective=objective, train_loader=train, val_loader=val, hooks=hooks,
                    run_dir=run_dir,
                    dist=DistInfo(rank=rank, world_size=world_size, local_rank=rank, device=torch.device("cpu")))
+
+
+# The os functions through which a write changes the file system (and builtins/io.open).
+MUTATING_OS_CALLS = ("open", "replace", "rename", "link", "unlink", "fsync", "mkdir", "rmdir", "ftruncate", "write",
+                     "pwrite")
+
+
+def kill_before_fs_call(n: int, counter: list[int]) -> None:
+    """From now on, SIGKILL this process just before its ``n``-th file-system call (n < 0: only count them).
+
+    For a forked child: the parent then checks what the kill left on disk. ``counter[0]`` counts the calls.
+    """
+
+    def wrap(fn):
+        def wrapper(*args, **kwargs):
+            if counter[0] == n:
+                os.kill(os.getpid(), signal.SIGKILL)
+            counter[0] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    for name in MUTATING_OS_CALLS:
+        setattr(os, name, wrap(getattr(os, name)))
+    builtins.open = io.open = wrap(io.open)
 
 
 # --------------------------------------------------------------------------------------------

@@ -322,7 +322,11 @@ class EpochWriter:
             os.fsync(fd)
         finally:
             os.close(fd)
-        _write_json(chunk_file(self.root, self.epoch, self.layout.world_size, self.rank, chunk),
+        path = chunk_file(self.root, self.epoch, self.layout.world_size, self.rank, chunk)
+        # Only this rank of a build of this world size writes this chunk: a temporary of its JSON is a killed build's.
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):
+            stale.unlink(missing_ok=True)
+        _write_json(path,
                     {"epoch": self.epoch, "world_size": self.layout.world_size, "rank": self.rank, "chunk": chunk,
                      "records_per_rank": self.layout.records_per_rank, "chunk_records": self.layout.chunk_records,
                      "offset": offset, "count": count, "crc32": zlib.crc32(data), **dict(stats)})
