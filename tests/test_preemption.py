@@ -187,7 +187,7 @@ def test_signal_to_one_rank_stops_both_at_the_same_step_and_both_resume(tmp_path
     try:
         _wait_for(lambda: _last_train_step(run_dir / "metrics.jsonl"), 180, "the first logged step")
         # Rank 1 and its DataLoader worker, as `--signal=USR1@120` signals every process of a SLURM
-        # step: the worker ignores it (distributed.ignore_preemption_signals) and serves on.
+        # step: the worker ignores it (lifecycle.worker_init) and serves on.
         os.killpg(world.procs[1].pid, signal.SIGUSR1)
     finally:
         results = world.results(timeout=240)
