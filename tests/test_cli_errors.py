@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from test_cli import TINY
 
 from fastmeal.cli import main
-
-TINY = ["--set", "model.student=test_resnet", "--set", "model.pretrained=false", "--set", "loss.mode=ce",
-        "--set", "data.image_size=32", "--set", "data.batch_size=4", "--set", "data.workers=0",
-        "--set", "data.backend=torchvision", "--set", "logging.progress_bar=false", "--set", "schedule.epochs=1",
-        "--set", "model.num_classes=3", "--set", "runtime.device=cpu"]
 
 
 @pytest.fixture(scope="module")
