@@ -92,10 +92,14 @@ from fastmeal.data.common import scan_split  # noqa: E402
 from fastmeal.data.torchvision import build_transform  # noqa: E402
 from fastmeal.losses import reference_meal_v2_loss  # noqa: E402
 from fastmeal.models.factory import build_discriminator, build_student, build_teachers, create_model  # noqa: E402
-from fastmeal.objectives import Objective, build_objective  # noqa: E402
+from fastmeal.objectives import (  # noqa: E402
+    Objective,
+    TrainedModel,  # noqa: E402
+    build_objective,
+)
 from fastmeal.optim import build_optimizer  # noqa: E402
 from fastmeal.profiling import phase  # noqa: E402
-from fastmeal.trainer import TrainedModel, Trainer  # noqa: E402
+from fastmeal.trainer import Trainer  # noqa: E402
 
 MODES = ("reference", "fastmeal", "fastmeal_eager", "bank")
 BANK_TOP_K = 5

@@ -14,6 +14,7 @@ A new mode is a subclass and one registry line (:func:`fastmeal.registry.registe
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from fastmeal.batch import Batch
 from fastmeal.config import Config
 from fastmeal.errors import SetupError
+from fastmeal.evaluate import autocast_context
 from fastmeal.losses import bank_meal_v2_loss, meal_v2_loss
 from fastmeal.profiling import phase
 from fastmeal.registry import OBJECTIVES, resolve
@@ -165,6 +167,33 @@ class MealV2FromBank(Objective):
     def forward(self, logits: Tensor, labels: Tensor, targets: dict[str, Tensor]) -> dict[str, Tensor]:
         return bank_meal_v2_loss(logits, targets["probs"], targets["classes"], self.discriminator,
                                  impl=self.cfg.loss.impl)
+
+
+def _phase(name: str) -> contextlib.AbstractContextManager:
+    """:func:`phase` in eager code; nothing while torch.compile traces (the NVTX calls would break the graph)."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else phase(name)
+
+
+class TrainedModel(nn.Module):
+    """The trained parts in one module: the student and the objective (its discriminator); one DDP wrapper, one state.
+
+    ``forward`` returns the objective's loss parts (``loss`` is back-propagated) plus ``logits``, the
+    student's ``[B, C]`` output; the student runs under autocast to ``autocast_dtype`` (None: fp32).
+    """
+
+    def __init__(self, student: nn.Module, objective: Objective, autocast_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.student = student
+        self.objective = objective
+        self.autocast_dtype = autocast_dtype
+
+    def forward(self, images: Tensor, labels: Tensor, targets: dict[str, Tensor]) -> dict[str, Tensor]:
+        with _phase("student_fwd"), autocast_context(images.device, self.autocast_dtype):
+            logits = self.student(images)
+        with _phase("loss"):
+            out = dict(self.objective(logits, labels, targets))
+        out["logits"] = logits
+        return out
 
 
 def build_objective(cfg: Config, *, device: torch.device | None = None, batch_size: int | None = None,

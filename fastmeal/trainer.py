@@ -7,7 +7,7 @@ and the objective's discriminator together. What the mode is lives in :mod:`fast
 building a run in :mod:`fastmeal.run`; checkpoint files and resume in :mod:`fastmeal.checkpoint`; the
 stop path in :mod:`fastmeal.lifecycle`.
 
-For DDP the student and the objective are one :class:`TrainedModel` (one wrapper, one gradient
+For DDP the student and the objective are one :class:`~fastmeal.objectives.TrainedModel` (one wrapper, one gradient
 all-reduce); teachers stay outside (frozen, never saved). Rank 0 logs and writes; evaluation sums
 counts over ranks. :class:`~fastmeal.hooks.TrainerHook` objects are called around every step and epoch.
 """
@@ -37,11 +37,11 @@ from fastmeal.console import format_duration, log_through_tqdm, progress_enabled
 from fastmeal.data import check_loaders
 from fastmeal.distributed import DistInfo, broadcast_buffers, configure_device, resolve_device
 from fastmeal.errors import NonFiniteError, OutOfMemoryError, SetupError
-from fastmeal.evaluate import autocast_context, evaluate, resolve_precision
+from fastmeal.evaluate import evaluate, resolve_precision
 from fastmeal.hooks import TrainerHook
 from fastmeal.metrics import DeviceMeans, MetricsWriter, topk_correct
 from fastmeal.models.factory import load_state_dict_checked, model_num_classes
-from fastmeal.objectives import Objective
+from fastmeal.objectives import Objective, TrainedModel
 from fastmeal.optim import build_optimizer, init_momentum_buffers
 from fastmeal.profiling import phase
 
@@ -56,33 +56,6 @@ def compile_enabled(setting: str, device: torch.device) -> bool:
 # torch.compile's arguments for the student's step. dynamic=False: the batch shape is fixed (a kept partial
 # last batch compiles once more). Tests swap the backend for "aot_eager".
 COMPILE_OPTIONS: dict[str, Any] = {"dynamic": False}
-
-
-def _phase(name: str) -> contextlib.AbstractContextManager:
-    """:func:`phase` in eager code; nothing while torch.compile traces (the NVTX calls would break the graph)."""
-    return contextlib.nullcontext() if torch.compiler.is_compiling() else phase(name)
-
-
-class TrainedModel(nn.Module):
-    """The trained parts in one module: the student and the objective (its discriminator); one DDP wrapper, one state.
-
-    ``forward`` returns the objective's loss parts (``loss`` is back-propagated) plus ``logits``, the
-    student's ``[B, C]`` output; the student runs under autocast to ``autocast_dtype`` (None: fp32).
-    """
-
-    def __init__(self, student: nn.Module, objective: Objective, autocast_dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        self.student = student
-        self.objective = objective
-        self.autocast_dtype = autocast_dtype
-
-    def forward(self, images: Tensor, labels: Tensor, targets: dict[str, Tensor]) -> dict[str, Tensor]:
-        with _phase("student_fwd"), autocast_context(images.device, self.autocast_dtype):
-            logits = self.student(images)
-        with _phase("loss"):
-            out = dict(self.objective(logits, labels, targets))
-        out["logits"] = logits
-        return out
 
 
 def _bytes(state: dict[str, Tensor]) -> int:

@@ -104,8 +104,7 @@ def test_timed_phases_times_the_products_step_and_restores_phase():
     import fastmeal.profiling
     import fastmeal.trainer
     from fastmeal.batch import Batch
-    from fastmeal.objectives import MealV2
-    from fastmeal.trainer import TrainedModel
+    from fastmeal.objectives import MealV2, TrainedModel
 
     torch.manual_seed(0)
 

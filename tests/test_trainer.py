@@ -28,8 +28,8 @@ from fastmeal.hooks import TrainerHook
 from fastmeal.losses import meal_v2_loss
 from fastmeal.metrics import read_jsonl
 from fastmeal.models.discriminator import Discriminator
-from fastmeal.objectives import MealV2, build_objective
-from fastmeal.trainer import TrainedModel, Trainer, resolve_precision
+from fastmeal.objectives import MealV2, TrainedModel, build_objective
+from fastmeal.trainer import Trainer, resolve_precision
 
 NUM_CLASSES = 5
 SIZE = 16
