@@ -103,9 +103,11 @@ _world: _World | None = None
 # (gloo's sockets, the store's when the rank hosting it is gone), NCCL's remote errors and aborted
 # communicators; and timeouts, but only from torch.distributed itself (a DistError, or gloo's, NCCL's or the
 # store's message): a timeout elsewhere is no news about a peer.
+# gloo's "Application timeout caused pair closure": a pair whose peer stopped answering (raised from DDP's
+# buffer broadcast, where the message names neither gloo nor a store).
 _LOST_PEER_MARKS = ("connection reset by peer", "connection closed by peer", "connection refused", "broken pipe",
                     "connectfullmesh", "communicator was aborted", "ncclremoteerror", "ncclsystemerror",
-                    "remote process exited")
+                    "remote process exited", "caused pair closure")
 _TIMEOUT_MARKS = ("timed out", "timeout", "has been aborted")
 _DIST_SOURCES = ("gloo", "nccl", "processgroup", "tcpstore", "store")
 
