@@ -20,6 +20,7 @@ from fastmeal.bank import store
 from fastmeal.bank.build import check_bank_config, run_identity
 from fastmeal.batch import Batch
 from fastmeal.config import Config
+from fastmeal.data.common import host_to_device
 
 log = logging.getLogger("fastmeal.bank")
 
@@ -62,9 +63,7 @@ class BankLoader:
                 raise RuntimeError(f"epoch {epoch} step {step}: the loader gave {images.shape[0]} images for "
                                    f"{len(idx)} planned indices (loader and epoch_indices disagree)")
             probs, classes = self.reader.records(epoch, idx)
-            pin = self.device.type == "cuda"
-            probs, classes = (torch.from_numpy(a).pin_memory().to(self.device, non_blocking=True) if pin
-                              else torch.from_numpy(a) for a in (probs, classes))
+            probs, classes = (host_to_device(torch.from_numpy(a), self.device) for a in (probs, classes))
             yield Batch(images, labels, {"probs": probs, "classes": classes})
             step += 1
 

@@ -37,6 +37,14 @@ PLAN_FILE, STATE_FILE = "table_plan.json", "table_state.json"
 PLACEHOLDER_ROOT = "/datasets/imagenet"  # shown in a plan without data.root (as in examples/)
 
 
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A table file (plan, state, a stage's result) as JSON, or None when it is missing or not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 # --------------------------------------------------------------------------------------------
 # The demo table: the demo's synthetic data and tiny teachers, three students
 # --------------------------------------------------------------------------------------------

@@ -12,25 +12,17 @@ vs paper per row), and ``fastmeal report``'s pages of the rows' runs in ``OUT/re
 from __future__ import annotations
 
 import html
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from fastmeal.console import format_duration
-from fastmeal.table.plan import PLAN_FILE, STATE_FILE, TableError
+from fastmeal.table.plan import PLAN_FILE, STATE_FILE, TableError, read_json
 
 PROBE_FILE = Path("probe") / "probe.json"
 PROBE_KEYS = ("model", "weights", "res", "realms", "mean_top1_clean", "mean_top1_omnibench", "paper")
 COLUMNS = ("row", "trained", "paper top-1", "paper top-5", "last top-1", "last top-5", "best top-1", "best top-5",
            "gap top-1", "start top-1", "epochs", "wall-clock", "GPU-h", "status")
-
-
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _pct(value: Any) -> str:
@@ -39,7 +31,7 @@ def _pct(value: Any) -> str:
 
 def read_probe(out: Path) -> dict[str, Any] | None:
     """``OUT/probe/probe.json`` (written by ``fastmeal probe``), or None; a file without the agreed keys is an error."""
-    doc = _read(out / PROBE_FILE)
+    doc = read_json(out / PROBE_FILE)
     if doc is None:
         return None
     missing = [k for k in PROBE_KEYS if k not in doc]
@@ -52,10 +44,10 @@ def table_rows(out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], d
     """``(rows, shared stages, plan)`` with every number the report shows."""
     from fastmeal.report import PAPER, ReportError, eta_seconds, find_initial_top1, load_run
 
-    plan = _read(out / PLAN_FILE)
+    plan = read_json(out / PLAN_FILE)
     if plan is None:
         raise TableError(f"{out} holds no table ({PLAN_FILE} missing): give the --out of `fastmeal table run`")
-    states = (_read(out / STATE_FILE) or {}).get("stages", {})
+    states = (read_json(out / STATE_FILE) or {}).get("stages", {})
     stages = {s["name"]: s for s in plan["stages"]}
 
     def cost(name: str) -> tuple[float, float]:
@@ -87,7 +79,7 @@ def table_rows(out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], d
             if status != "done":
                 eta = eta_seconds(run)
                 item["status"] = f"{status}, ETA {format_duration(eta)}" if eta is not None else status
-        result = _read(Path(stages[ev]["result"]))
+        result = read_json(Path(stages[ev]["result"]))
         if result is not None:  # the exported student_best, evaluated by its own command
             item.update(best_top1=result["top1"], best_top5=result["top5"], best_from="eval of student_best")
         seconds, hours = (sum(v) for v in zip(cost(train), cost(ev), strict=True))

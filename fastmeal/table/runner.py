@@ -40,6 +40,7 @@ from fastmeal.table.plan import (
     Stage,
     TableError,
     _gb,
+    read_json,
     simulate,
 )
 
@@ -166,7 +167,7 @@ def open_table(plan: Plan, *, replan: bool, say: Callable[[str], None] = print) 
     """
     out = Path(plan.spec.out)
     digest = plan.digest()
-    old_plan = _read(out / PLAN_FILE)
+    old_plan = read_json(out / PLAN_FILE)
     old_state = read_state(out) or {}
     old_stages = old_state.get("stages", {}) if old_state.get("digest") == (old_plan or {}).get("digest") else {}
     if old_plan is not None and old_plan.get("digest") != digest:
@@ -219,13 +220,6 @@ def _kept_stages(plan: Plan, old: dict[str, dict[str, Any]]) -> set[str]:
         if old.get(stage.name, {}).get("argv") == stage.argv and all(d in keep for d in stage.deps):
             keep.add(stage.name)
     return keep
-
-
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _size(path: Path) -> int:
