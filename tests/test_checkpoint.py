@@ -1,4 +1,5 @@
-"""Checkpoint files: atomic writes with digests, damage detection, pruning, best, RNG, student weights.
+"""Checkpoint files: atomic writes with digests, damage detection, pruning, best, RNG, student weights; what a save
+derives (best.pt, best.json, the exports, the manifest) and what heal repairs after a save cut short; a full disk.
 
 The end-to-end cases (a writer killed mid-write, then ``resume auto``; resume equivalence) are in
 test_trainer.py, where a trainer produces the checkpoints.
@@ -6,6 +7,7 @@ test_trainer.py, where a trainer produces the checkpoints.
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 import struct
@@ -365,3 +367,426 @@ def test_a_checkpoint_of_an_older_version_is_checked_against_its_sha256_file(tmp
         sidecar.write_text(text)
         with pytest.raises(CheckpointError, match="does not match ckpt-000000001.pt.sha256"):
             load_checkpoint(path)
+
+
+# --------------------------------------------------------------------------------------------
+# What a save derives from its checkpoint (best.pt, best.json, the exports, the manifest), pruning, healing
+# --------------------------------------------------------------------------------------------
+
+
+def _exported(run_dir, stem) -> tuple[float, int]:
+    """``(value of the weights, global step in the metadata)`` of an export; its two files hold the same weights."""
+    from safetensors import safe_open
+
+    pth = torch.load(run_dir / f"{stem}.pth", weights_only=True)
+    with safe_open(str(run_dir / f"{stem}.safetensors"), "pt") as f:
+        st = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        step = int(f.metadata()["global_step"])
+    assert pth.keys() == st.keys() == {"w"} and torch.equal(pth["w"], st["w"])
+    assert torch.equal(pth["w"], torch.full((64, 64), pth["w"][0, 0].item()))  # fake_state(step)'s weights
+    return pth["w"][0, 0].item(), step
+
+
+def _manifest(step: int, top1, best: dict | None, exports: dict) -> dict:
+    """The manifest a save of ``fake_state(step)`` should leave, written out by hand."""
+    return {"format": "fastmeal-manifest", "latest": f"ckpt-{step:09d}.pt", "global_step": step, "epoch": step // 10,
+            "step_in_epoch": step % 10, "top1": top1, "best": best, "exports": exports}
+
+
+def _best(step: int, top1: float) -> dict:
+    return {"top1": top1, "global_step": step, "from": f"ckpt-{step:09d}.pt"}
+
+
+def _read_manifest(directory):
+    return json.loads((directory / "manifest.json").read_text())
+
+
+def test_each_save_derives_best_pt_best_json_the_exports_and_the_manifest(tmp_path):
+    import os
+
+    run = tmp_path / "run"
+    run.mkdir()
+    ck = run / "checkpoints"
+    manager = CheckpointManager(ck, keep_last=2, export_dir=run)
+
+    manager.save(fake_state(5), global_step=5)  # no evaluation yet: no best
+    assert _read_manifest(ck) == _manifest(5, None, None, {"student_last": 5})
+    assert manager.best_info() is None and not (ck / "best.pt").exists() and not (run / "student_best.pth").exists()
+    assert _exported(run, "student_last") == (5.0, 5)
+
+    manager.save(fake_state(10), global_step=10, top1=50.0)  # the first evaluation: a new best
+    assert manager.best_info() == _best(10, 50.0)
+    assert os.path.samefile(ck / "best.pt", ck / "ckpt-000000010.pt")  # a hard link, not a copy
+    assert _read_manifest(ck) == _manifest(10, 50.0, _best(10, 50.0), {"student_last": 10, "student_best": 10})
+    assert _exported(run, "student_last") == _exported(run, "student_best") == (10.0, 10)
+    best_export = (run / "student_best.pth").stat().st_ino
+
+    manager.save(fake_state(20), global_step=20, top1=40.0)  # worse: best.pt, best.json, student_best stay
+    assert manager.best_info() == _best(10, 50.0) and load_checkpoint(ck / "best.pt")["global_step"] == 10
+    assert _read_manifest(ck) == _manifest(20, 40.0, _best(10, 50.0), {"student_last": 20, "student_best": 10})
+    assert _exported(run, "student_last") == (20.0, 20) and _exported(run, "student_best") == (10.0, 10)
+    assert (run / "student_best.pth").stat().st_ino == best_export  # current: not written again
+
+    manager.save(fake_state(25), global_step=25)  # mid-epoch
+    assert _read_manifest(ck) == _manifest(25, None, _best(10, 50.0), {"student_last": 25, "student_best": 10})
+
+    manager.save(fake_state(30), global_step=30, top1=60.0)  # a new best again
+    assert manager.best_info() == _best(30, 60.0)
+    assert os.path.samefile(ck / "best.pt", ck / "ckpt-000000030.pt")
+    assert _read_manifest(ck) == _manifest(30, 60.0, _best(30, 60.0), {"student_last": 30, "student_best": 30})
+    assert _exported(run, "student_last") == _exported(run, "student_best") == (30.0, 30)
+    assert sorted(p.name for p in ck.iterdir()) == ["best.json", "best.pt", "ckpt-000000025.pt", "ckpt-000000030.pt",
+                                                    "manifest.json"]
+
+
+def test_the_states_own_is_best_decides_and_needs_a_top1(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=5)
+    manager.save({**fake_state(1), "is_best": True}, global_step=1)  # no top1: nothing to rank it by
+    manager.save({**fake_state(2), "is_best": False, "top1": 99.0}, global_step=2)
+    assert manager.best_info() is None and not manager.best_path.exists()
+    assert _read_manifest(tmp_path)["best"] is None and _read_manifest(tmp_path)["top1"] == 99.0
+    manager.save({**fake_state(3), "is_best": True, "top1": 1.0}, global_step=3)  # the state says so, even if lower
+    assert manager.best_info() == _best(3, 1.0) and load_checkpoint(manager.best_path)["global_step"] == 3
+
+
+def test_without_hard_links_best_pt_is_a_copy_made_once(tmp_path, monkeypatch):
+    import os
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    manager = CheckpointManager(tmp_path, keep_last=5)
+    manager.save(fake_state(10), global_step=10, top1=50.0)
+    best, ckpt = tmp_path / "best.pt", tmp_path / "ckpt-000000010.pt"
+    assert not os.path.samefile(best, ckpt) and best.read_bytes() == ckpt.read_bytes()
+    inode = best.stat().st_ino
+    manager.publish(ckpt, load_checkpoint(ckpt))  # again (as heal does): best.pt is already this checkpoint
+    assert best.stat().st_ino == inode
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_exports_behind_best_pt_are_re_derived_from_it(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    ck = run / "checkpoints"
+    manager = CheckpointManager(ck, keep_last=1, export_dir=run)
+    manager.save(fake_state(10), global_step=10, top1=50.0)
+    manager.save(fake_state(20), global_step=20, top1=40.0)  # ckpt-10 pruned: best.pt is the only copy
+    state20 = load_checkpoint(ck / "ckpt-000000020.pt")
+    for lost in ("student_best.pth", "student_best.safetensors"):
+        (run / lost).unlink()
+        manager.publish(ck / "ckpt-000000020.pt", state20)
+        assert _exported(run, "student_best") == (10.0, 10), lost  # from best.pt, not from the state published
+    manifest = _read_manifest(ck)
+    manifest["exports"]["student_best"] = 7  # files of another step
+    (ck / "manifest.json").write_text(json.dumps(manifest))
+    inode = (run / "student_best.pth").stat().st_ino
+    manager.publish(ck / "ckpt-000000020.pt", state20)
+    assert (run / "student_best.pth").stat().st_ino != inode and _exported(run, "student_best") == (10.0, 10)
+    assert _read_manifest(ck) == _manifest(20, 40.0, _best(10, 50.0), {"student_last": 20, "student_best": 10})
+
+
+def test_an_export_is_current_when_the_manifest_names_its_step_and_both_files_exist(tmp_path):
+    ck = tmp_path / "checkpoints"
+    ck.mkdir()
+    manager = CheckpointManager(ck, export_dir=tmp_path)
+    assert not manager._export_current("student_best", 10)  # no manifest
+    manager.manifest_path.write_text("{}")
+    assert not manager._export_current("student_best", 10)  # a manifest without exports
+    manager.manifest_path.write_text(json.dumps({"exports": {"student_best": 10}}))
+    assert not manager._export_current("student_best", 10)  # no files
+    (tmp_path / "student_best.pth").write_bytes(b"")
+    assert not manager._export_current("student_best", 10)
+    (tmp_path / "student_best.safetensors").write_bytes(b"")
+    assert manager._export_current("student_best", 10)
+    assert not manager._export_current("student_best", 9) and not manager._export_current("student_last", 10)
+    assert not CheckpointManager(ck)._export_current("student_best", 10)  # no export dir
+    (tmp_path / "student_best.pth").unlink()
+    assert not manager._export_current("student_best", 10)
+
+
+def test_manifest_is_none_when_missing_or_unreadable(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    assert manager.manifest() is None
+    manager.manifest_path.write_text('{"latest": "ckpt-0')  # cut
+    assert manager.manifest() is None
+    manager.manifest_path.write_text('{"latest": "ckpt-000000001.pt"}')
+    assert manager.manifest() == {"latest": "ckpt-000000001.pt"}
+
+
+def test_prune_keeps_the_newest_and_removes_the_sha256_files_of_the_others(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    for step in (1, 2, 3, 4, 5):
+        (tmp_path / f"ckpt-{step:09d}.pt").write_bytes(b"")
+    for step in (1, 4):  # older versions' checkpoints carry one; today's do not
+        (tmp_path / f"ckpt-{step:09d}.pt.sha256").write_text("x")
+    (tmp_path / "best.pt").write_bytes(b"")
+    (tmp_path / "best.pt.sha256").write_text("x")
+    manager._prune()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "ckpt-000000004.pt", "ckpt-000000004.pt.sha256",
+                                                          "ckpt-000000005.pt"]
+
+
+def test_heal_re_derives_whatever_the_manifest_does_not_describe(tmp_path):
+    import os
+
+    run = tmp_path / "run"
+    run.mkdir()
+    ck = run / "checkpoints"
+    manager = CheckpointManager(ck, keep_last=3, export_dir=run)
+    manager.save(fake_state(10), global_step=10, top1=50.0)
+    manager.save(fake_state(20), global_step=20, top1=40.0)
+    path = ck / "ckpt-000000020.pt"
+    state = load_checkpoint(path)
+    good = _manifest(20, 40.0, _best(10, 50.0), {"student_last": 20, "student_best": 10})
+    inode = manager.manifest_path.stat().st_ino
+
+    (ck / "ckpt-000000005.pt.sha256").write_text("x")  # a prune killed between its two unlinks
+    (ck / "ckpt-000000020.pt.sha256").write_text("x")  # of an existing checkpoint: kept
+    assert manager.heal(path, state) is False  # consistent: nothing written
+    assert manager.manifest_path.stat().st_ino == inode
+    assert sorted(p.name for p in ck.glob("*.sha256")) == ["ckpt-000000020.pt.sha256"]
+    (ck / "ckpt-000000020.pt.sha256").unlink()
+
+    def damage_manifest(key, value):
+        def damage():
+            manifest = _read_manifest(ck)
+            manifest[key] = value
+            manager.manifest_path.write_text(json.dumps(manifest))
+        return damage
+
+    damages = {
+        "no manifest": manager.manifest_path.unlink,
+        "the previous checkpoint's": damage_manifest("latest", "ckpt-000000010.pt"),
+        "the same checkpoint before its evaluation": damage_manifest("top1", None),
+        "another best": damage_manifest("best", None),
+        "no student_last.safetensors": (run / "student_last.safetensors").unlink,
+        "no student_best.pth": (run / "student_best.pth").unlink,
+    }
+    for what, damage in damages.items():
+        damage()
+        assert manager.heal(path, state) is True, what
+        assert _read_manifest(ck) == good, what
+        assert _exported(run, "student_last") == (20.0, 20) and _exported(run, "student_best") == (10.0, 10), what
+        assert manager.heal(path, state) is False, what
+
+    # Without an export dir the exports are not looked at.
+    (run / "student_last.pth").unlink()
+    assert CheckpointManager(ck, keep_last=3).heal(path, state) is False
+    # A manager of another rank never heals.
+    manager.manifest_path.unlink()
+    assert CheckpointManager(ck, keep_last=3, export_dir=run, enabled=False).heal(path, state) is False
+    assert not manager.manifest_path.exists()
+
+    # best.pt lost while the newest checkpoint is the best: linked again.
+    manager.save(fake_state(30), global_step=30, top1=60.0)
+    path, state = ck / "ckpt-000000030.pt", load_checkpoint(ck / "ckpt-000000030.pt")
+    manager.best_path.unlink()
+    assert manager.heal(path, state) is True
+    assert os.path.samefile(manager.best_path, path) and manager.heal(path, state) is False
+
+
+class _Interrupted(BaseException):
+    """Stands for a kill: raised before the n-th file-system call of a save (nothing catches a BaseException)."""
+
+
+def _interrupt_before_fs_call(monkeypatch, n: int, calls: list[tuple[str, str]]) -> None:
+    """Log every file-system call (``os`` functions that change files, and every ``open``); raise before the n-th."""
+    import io
+    import os
+
+    def wrap(name, fn):
+        def wrapper(*args, **kwargs):
+            calls.append((name, str(args[-1] if name in ("replace", "rename", "link") else args[0])))
+            if len(calls) - 1 == n:
+                raise _Interrupted(name)
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for name in ("open", "replace", "rename", "link", "unlink", "fsync", "mkdir", "rmdir", "ftruncate", "write"):
+        monkeypatch.setattr(os, name, wrap(name, getattr(os, name)))
+    monkeypatch.setattr(io, "open", wrap("open", io.open))
+
+
+@pytest.mark.parametrize("top1", [60.0, None], ids=["new-best", "no-evaluation"])
+def test_a_save_interrupted_before_each_file_system_call_is_healed_from_the_newest_checkpoint(tmp_path, monkeypatch,
+                                                                                          top1):
+    import os
+    import shutil
+
+    base = tmp_path / "base"
+    base.mkdir()
+    first = CheckpointManager(base / "checkpoints", keep_last=2, export_dir=base)
+    first.save(fake_state(10), global_step=10, top1=50.0)
+    first.save(fake_state(20), global_step=20, top1=40.0)
+
+    def interrupted_save(work, n):
+        calls: list[tuple[str, str]] = []
+        manager = CheckpointManager(work / "checkpoints", keep_last=2, export_dir=work)
+        with monkeypatch.context() as m:
+            _interrupt_before_fs_call(m, n, calls)
+            try:
+                manager.save(fake_state(30), global_step=30, top1=top1)
+            except _Interrupted:
+                pass
+            else:
+                assert n < 0, n
+        return calls
+
+    shutil.copytree(base, tmp_path / "whole")
+    calls = interrupted_save(tmp_path / "whole", -1)
+    commit = calls.index(("replace", str(tmp_path / "whole" / "checkpoints" / "ckpt-000000030.pt")))
+    manifest_written = calls.index(("replace", str(tmp_path / "whole" / "checkpoints" / "manifest.json")))
+    assert 0 < commit < manifest_written < len(calls) - 1  # the pruning comes after the manifest
+    for n in range(len(calls)):
+        work = tmp_path / f"n{n}"
+        shutil.copytree(base, work)
+        interrupted_save(work, n)
+        ck = work / "checkpoints"
+        manager = CheckpointManager(ck, keep_last=2, export_dir=work)
+        path, state, skipped = manager.find_latest_valid()
+        assert not skipped, (n, skipped)
+        latest = 30 if n > commit else 20
+        assert path.name == f"ckpt-{latest:09d}.pt", n
+        assert manager.heal(path, state) is (commit < n <= manifest_written), (n, calls[n])
+        best = _best(30, 60.0) if latest == 30 and top1 is not None else _best(10, 50.0)
+        assert manager.best_info() == best, n
+        assert load_checkpoint(manager.best_path)["global_step"] == best["global_step"], n
+        assert best["global_step"] == 10 or os.path.samefile(manager.best_path, ck / best["from"]), n  # 10: pruned
+        exports = {"student_last": latest, "student_best": best["global_step"]}
+        assert _read_manifest(ck) == _manifest(latest, {20: 40.0, 30: top1}[latest], best, exports), n
+        assert _exported(work, "student_last") == (float(latest), latest), n
+        assert _exported(work, "student_best") == (float(best["global_step"]), best["global_step"]), n
+        shutil.rmtree(work)
+
+
+# --------------------------------------------------------------------------------------------
+# A full disk
+# --------------------------------------------------------------------------------------------
+
+
+def _wrapped(err: BaseException, depth: int, link: str = "__cause__") -> BaseException:
+    for _ in range(depth):
+        outer = RuntimeError("wrapped")
+        setattr(outer, link, err)
+        err = outer
+    return err
+
+
+def test_the_full_disk_cause_is_enospc_or_edquot_among_the_first_eight_errors_of_the_chain():
+    from fastmeal.checkpoint import DiskFullError, _disk_full_cause
+
+    for code in (errno.ENOSPC, errno.EDQUOT):
+        full = OSError(code, "full")
+        assert _disk_full_cause(full) is full
+        for link in ("__cause__", "__context__"):  # `raise ... from err`, or an error raised while handling one
+            assert _disk_full_cause(_wrapped(full, 1, link)) is full, link
+            assert _disk_full_cause(_wrapped(full, 7, link)) is full, link  # the 8th error of the chain
+            assert _disk_full_cause(_wrapped(full, 8, link)) is None, link  # the 9th is not looked at
+    disk_full = DiskFullError(errno.ENOSPC, "no space")
+    assert _disk_full_cause(_wrapped(disk_full, 2)) is disk_full
+    for other in (OSError(errno.EIO, "I/O error"), OSError("no errno"), RuntimeError("not an OSError")):
+        assert _disk_full_cause(_wrapped(other, 2)) is None
+    assert _disk_full_cause(None) is None
+    loop = RuntimeError("its own cause")
+    loop.__cause__ = loop
+    assert _disk_full_cause(loop) is None  # ends
+
+
+def test_a_full_disk_error_names_the_file_and_the_free_space_and_keeps_the_errno(tmp_path, monkeypatch):
+    import shutil
+
+    from fastmeal.checkpoint import DiskFullError, _disk_full
+
+    asked = []
+
+    def usage(path):
+        asked.append(path)
+        return shutil._ntuple_diskusage(100 * 2**20, 92 * 2**20, int(7.6 * 2**20))
+
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+    path = tmp_path / "checkpoints" / "ckpt-000000001.pt"
+    err = _disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"), path)
+    assert isinstance(err, DiskFullError) and isinstance(err, OSError) and err.errno == errno.EDQUOT
+    assert str(err) == (f"no space left on the device while writing {path} (8 MiB free on {path.parent}); "
+                        "nothing was replaced: free some space and resume")
+    assert asked == [path.parent]
+
+    def unknown(path):
+        raise OSError(errno.ENOENT, "gone")
+
+    monkeypatch.setattr(shutil, "disk_usage", unknown)
+    err = _disk_full(OSError(errno.ENOSPC, "No space left on device"), path)
+    assert err.errno == errno.ENOSPC and str(err) == (
+        f"no space left on the device while writing {path} (free space unknown on {path.parent}); "
+        "nothing was replaced: free some space and resume")
+
+
+def test_a_full_disk_during_a_write_is_one_error_naming_the_target_and_replaces_nothing(tmp_path, monkeypatch):
+    import os
+
+    from fastmeal.checkpoint import DiskFullError, atomic_write_bytes
+
+    target = tmp_path / "best.json"
+    target.write_bytes(b"old")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", full)
+        with pytest.raises(DiskFullError, match=f"while writing {target} ") as info:
+            atomic_write_bytes(target, b"new")
+    assert info.value.errno == errno.ENOSPC and info.value.__cause__ is None
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["best.json"]
+
+    def torch_save_on_a_full_disk(obj, f):  # torch.save wraps the OSError in a RuntimeError
+        try:
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+        except OSError as err:
+            raise RuntimeError("[enforce fail at inline_container.cc] PytorchStreamWriter failed writing") from err
+
+    path = tmp_path / "ckpt-000000001.pt"
+    with pytest.raises(DiskFullError, match=f"while writing {path} ") as info:
+        atomic_torch_save(fake_state(1), path, save=torch_save_on_a_full_disk)
+    assert info.value.errno == errno.EDQUOT and not path.exists()
+
+    def broken(obj, f):
+        raise OSError(errno.EIO, "Input/output error")
+
+    with pytest.raises(OSError) as info:  # any other error goes through unchanged
+        atomic_torch_save(fake_state(1), path, save=broken)
+    assert type(info.value) is OSError and info.value.errno == errno.EIO
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.json"]
+
+
+def test_fsync_dir_passes_over_a_directory_it_cannot_open(tmp_path):
+    from fastmeal.checkpoint import _fsync_dir
+
+    assert _fsync_dir(tmp_path / "missing") is None
+
+
+def test_a_deleted_export_dir_fails_the_next_save_instead_of_coming_back_empty(tmp_path):
+    import shutil
+
+    manager = CheckpointManager(tmp_path / "checkpoints", keep_last=2, export_dir=tmp_path / "exports")
+    (tmp_path / "exports").mkdir()
+    manager.save(fake_state(10), global_step=10, top1=50.0)
+    shutil.rmtree(tmp_path / "exports")
+    with pytest.raises(FileNotFoundError):
+        manager.save(fake_state(20), global_step=20, top1=60.0)
+    assert not (tmp_path / "exports").exists()
+
+
+def test_a_temporary_removed_by_someone_else_meanwhile_is_passed_over(tmp_path, monkeypatch):
+    import os
+    from pathlib import Path
+
+    gone = tmp_path / f".ckpt-000000001.pt.tmp-{os.getpid()}"  # listed, then removed before this unlinks it
+    left = tmp_path / f".ckpt-000000002.pt.tmp-{os.getpid()}"
+    left.write_bytes(b"half")
+    iterdir = Path.iterdir
+    monkeypatch.setattr(Path, "iterdir", lambda self: iter([gone, *iterdir(self)]))
+    assert remove_temporaries(tmp_path) == [left]
+    assert not left.exists()
