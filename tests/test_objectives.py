@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -324,3 +326,16 @@ def test_the_step_phases_are_named_for_the_profiler():
         objective.prepare(batch)
         model(batch.images, batch.labels, batch.targets)
     assert {"teachers", "student_fwd", "loss"} <= {e.name for e in prof.events()}
+
+
+@pytest.mark.skipif("MUTANT_UNDER_TEST" in os.environ, reason="torch.compile cannot trace mutmut's trampolines")
+def test_the_trained_model_compiles_to_one_graph_without_the_phases():
+    """While torch.compile traces, the phases are nothing (their profiler check would break the graph): the step's
+    forward compiles with fullgraph=True and equals eager."""
+    torch.manual_seed(0)
+    model = TrainedModel(SmallNet(), HardLabels())
+    images, labels = torch.randn(2, 3, 16, 16), torch.tensor([0, 1])
+    eager = model(images, labels, {})
+    compiled = torch.compile(model, backend="eager", fullgraph=True)(images, labels, {})
+    for key in ("loss", "logits"):
+        torch.testing.assert_close(compiled[key], eager[key], rtol=0, atol=0)
