@@ -35,10 +35,10 @@ lint: $(VENV)/.installed-dev
 
 # Mutation testing (not CI; docs/mutation.md): mutmut changes one operator, constant or argument at a time in
 # the modules below and runs the tests that cover the changed function ([tool.mutmut] in pyproject.toml names
-# the test files). One module at a time, niced; all six take hours on 2 shared cores. A survivor is a bug the tests
+# the test files). One module at a time, niced; all seven take hours on 2 shared cores. A survivor is a bug the tests
 # would miss, or an equivalent change (explained in docs/mutation.md). `make mutation MUTATION_MODULES=losses`
 # runs one module; results accumulate in mutants/ (`mutmut show NAME` prints a mutant's diff).
-MUTATION_MODULES ?= losses plan store build checkpoint config
+MUTATION_MODULES ?= losses plan store build checkpoint config objectives
 MUTANTS_losses := 'fastmeal.losses.*'
 MUTANTS_plan := 'fastmeal.data.plan.*'
 MUTANTS_store := 'fastmeal.bank.store.*'
@@ -49,12 +49,14 @@ MUTANTS_checkpoint := $(foreach f,state_digest _feed atomic_write_bytes atomic_t
 	*CheckpointManager*manifest *CheckpointManager*_export_current *CheckpointManager*_prune,'fastmeal.checkpoint.*$(f)__mutmut_*')
 # config.py: the LR regime only
 MUTANTS_config := 'fastmeal.config.*lr_at__mutmut_*' 'fastmeal.config.*ScheduleConfig*__post_init____mutmut_*'
+MUTANTS_objectives := 'fastmeal.objectives.*'
 
 mutation: $(VENV)/.installed-dev
 	$(PIP) install -q 'mutmut==3.8.1'
 	@for m in $(MUTATION_MODULES); do \
 		case $$m in losses) names=$(MUTANTS_losses);; plan) names=$(MUTANTS_plan);; store) names=$(MUTANTS_store);; \
 			build) names=$(MUTANTS_build);; checkpoint) names="$(MUTANTS_checkpoint)";; config) names="$(MUTANTS_config)";; \
+			objectives) names=$(MUTANTS_objectives);; \
 			*) echo "unknown module $$m"; exit 2;; esac; \
 		echo "== mutation: $$m"; eval nice -n 15 $(BIN)/mutmut run --max-children 2 $$names || exit 1; \
 	done

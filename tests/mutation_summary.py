@@ -17,7 +17,7 @@ import shlex
 import subprocess
 from pathlib import Path
 
-MODULES = ("losses", "plan", "store", "build", "checkpoint", "config")
+MODULES = ("losses", "plan", "store", "build", "checkpoint", "config", "objectives")
 # mutmut's exit codes (mutmut/stats.py): 1 and 3 kill, 0 survives, 33/5 no test covers the function.
 STATUS = {1: "killed", 3: "killed", 0: "survived", 33: "no tests", 5: "no tests", None: "not run",
           36: "timeout", -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout"}

@@ -1,5 +1,6 @@
 """The crop plan and the CutMix draw: known-answer Philox, purity, independence, torchvision's algorithm."""
 
+import collections
 import math
 
 import numpy as np
@@ -165,3 +166,60 @@ def test_crop_plan_refuses_a_negative_epoch_and_indices_outside_32_bits():
     for epoch, index in ((-1, 0), (0, -1), (0, 2**32)):
         with pytest.raises(ValueError, match=r"epoch must be >= 0 and dataset indices in \[0, 2\*\*32\)"):
             plan_crops(0, epoch, np.array([index]), one, one)
+
+
+def _get_params(u, height, width):
+    """torchvision's RandomResizedCrop.get_params written out, fed the four uniforms of each attempt ``u[a]``;
+    its centre-crop fallback when no attempt fits; an image of size 0 gets the empty box. Returns the box
+    and the attempt that gave it (None: the fallback)."""
+    if height <= 0 or width <= 0:
+        return (0, 0, 0, 0), None
+    lo, hi = math.log(CROP_ASPECT[0]), math.log(CROP_ASPECT[1])
+    for a in range(NUM_ATTEMPTS):
+        target = height * width * (CROP_AREA[0] + (CROP_AREA[1] - CROP_AREA[0]) * u[a, 0])
+        aspect = math.exp(lo + (hi - lo) * u[a, 1])
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return (int(u[a, 2] * (height - h + 1)), int(u[a, 3] * (width - w + 1)), h, w), a
+    in_ratio = width / height
+    if in_ratio < min(CROP_ASPECT):
+        w, h = width, int(round(width / min(CROP_ASPECT)))
+    elif in_ratio > max(CROP_ASPECT):
+        h, w = height, int(round(height * max(CROP_ASPECT)))
+    else:
+        h, w = height, width
+    return ((height - h) // 2, (width - w) // 2, h, w), None
+
+
+def test_boxes_of_small_strip_and_empty_images_are_get_params_with_its_fallback():
+    """Images of 0-9 pixels a side and strips, where attempts give boxes of width or height 0 or of the whole
+    side and many images fall back to the centre crop: every box is get_params' (written out above) on the
+    uniforms of Philox blocks (index, epoch, attempt, 0); boxes and flips are int64 and bool arrays."""
+    sizes = [(h, w) for h in range(10) for w in range(10)] + [(1, 40), (40, 1), (3, 25), (25, 3), (0, 40), (40, 0)]
+    sizes = sizes * 4 + [(h, w) for h in range(1, 4) for w in range(1, 4)] * 20  # most 0-wide attempts: 1-3 px
+    heights, widths = np.array([h for h, _ in sizes]), np.array([w for _, w in sizes])
+    indices = np.arange(len(heights)) * 3 + 1
+    seed, epoch = 2**32 + 11, 5
+    plan = plan_crops(seed, epoch, indices, heights, widths)
+    for field in ("top", "left", "height", "width"):
+        assert getattr(plan, field).dtype == np.int64, field
+    assert plan.flip.dtype == np.bool_
+    key = (seed & 0xFFFFFFFF, seed >> 32)
+    fallbacks = collections.Counter()
+    for n, i in enumerate(indices):
+        counter = np.array([[i, epoch, a, 0] for a in range(NUM_ATTEMPTS)])
+        u = philox4x32(counter, key).astype(np.float64) / 2**32
+        expected, attempt = _get_params(u, int(heights[n]), int(widths[n]))
+        assert plan.box(n) == expected, (n, heights[n], widths[n])
+        if attempt is None and heights[n] and widths[n]:
+            ratio = widths[n] / heights[n]
+            fallbacks["wide" if ratio > max(CROP_ASPECT) else "narrow" if ratio < min(CROP_ASPECT) else "whole"] += 1
+    assert fallbacks["wide"] >= 3 and fallbacks["narrow"] >= 3  # the strips: both clipped fallbacks are checked
+
+
+def test_the_flip_is_the_low_bit_of_the_first_word_of_block_index_epoch_0_1():
+    indices = np.arange(200) * 5 + 2
+    seed, epoch = 7, 3
+    plan = plan_crops(seed, epoch, indices, np.full(200, 64), np.full(200, 48))
+    words = philox4x32(np.array([[i, epoch, 0, 1] for i in indices]), (seed, 0))
+    assert plan.flip.tolist() == [bool(w & 1) for w in words[:, 0]]
