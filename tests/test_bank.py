@@ -507,6 +507,10 @@ def test_command_line_build(files, tmp_path, capsys):
     assert [t["tag"] for t in manifest["teachers"]] == ["test_resnet", "test_resnet"]
     assert all(len(t["sha256"]) == 64 for t in manifest["teachers"])
     assert [t["weights"] for t in manifest["teachers"]] == [str(p) for p in files[1]]
+    import hashlib  # each file's own hash, which a run naming the file compares first
+
+    assert [t["file_sha256"] for t in manifest["teachers"]] == [hashlib.sha256(p.read_bytes()).hexdigest()
+                                                                for p in map(Path, files[1])]
     assert manifest["teachers"][0]["sha256"] != manifest["teachers"][1]["sha256"]
     assert main(args[:-2] + ["--epochs", "0:x"]) == 2
     assert "must look like A:B" in capsys.readouterr().err

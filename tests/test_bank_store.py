@@ -401,3 +401,21 @@ def test_a_folder_left_by_a_build_killed_before_its_manifest_is_reused(tmp_path)
     (root / "chunks").mkdir(parents=True)  # made, then killed before the manifest was written
     assert store.open_or_create(root, _manifest())["seed"] == 3
     assert store.read_manifest(root) == _manifest()
+
+
+def test_a_dataset_table_of_python_objects_is_refused_unread(tmp_path):
+    """dataset.npz is read without pickle: a table of Python objects (unpickling runs code) is a damaged bank."""
+
+    class Index:
+        digest = cache_digest = "another dataset"
+        root, paths = str(tmp_path / "data" / "train"), []
+        labels = sizes = heights = widths = np.zeros(0, dtype=np.int64)
+
+        def __len__(self):
+            return 0
+
+    root = tmp_path / "bank"
+    manifest = store.open_or_create(root, _manifest())
+    np.savez(root / "dataset.npz", paths=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(store.BankError, match=r"dataset.npz cannot be read \(Object arrays cannot be loaded"):
+        store.check_dataset(root, manifest, Index(), "the data")
