@@ -677,3 +677,20 @@ def test_a_build_into_a_bank_of_another_dataset_is_refused_naming_the_files(file
                                         rf"{re.escape(str(data))} .*{victim.parent.name}/{victim.name}: missing here"):
         _build(cfg, out, spy)
     assert spy.images == []
+
+
+def test_a_build_continues_only_with_its_chunk_size(files, tmp_path):
+    """Chunks are known by their number: a build continued with another chunk size (bank.chunk_records or the
+    batch size changed) would take the first build's chunk k for its own and skip the records between; the
+    epoch would never be complete, though every build ends without an error."""
+    cfg = _cfg(files, tmp_path / "run")  # chunks of 8 records (2 batches of 4)
+    out = tmp_path / "bank"
+    with pytest.raises(KeyboardInterrupt):
+        _build(cfg, out, SpyTeachers(cfg, fail_after=3), epochs=range(1))  # killed in its second chunk
+    smaller = _cfg(files, tmp_path / "run", **{"bank.chunk_records": 4})
+    spy = SpyTeachers(smaller)
+    with pytest.raises(BankError, match=r"epoch 0 of .* was partly built in chunks of \[8\] records, this build's are "
+                                        r"4 .*continue it with the same bank.chunk_records and data.batch_size"):
+        _build(smaller, out, spy, epochs=range(1))
+    assert spy.images == []
+    assert _build(cfg, out, SpyTeachers(cfg), epochs=range(1))["epochs"] == [0]  # the same size continues it

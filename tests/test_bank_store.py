@@ -314,7 +314,12 @@ def test_epoch_status_needs_every_chunk_of_one_build(tmp_path):
     assert store.epoch_status([c for c in chunks if c["rank"] != 1]) == (None, "3 of 6 chunks not finished")
     mixed = chunks[:-1] + [{**chunks[-1], "world_size": 1}]
     assert store.epoch_status(mixed) == (None, "chunks from builds with different world sizes [1, 2]")
-    # one chunk more than the layout has (a chunk of another chunk size) is no complete epoch either
+    # chunks of two chunk sizes (a build continued with another chunk size) are no complete epoch, whatever the order
+    _write_epoch(tmp_path / "other", store.open_or_create(tmp_path / "other", _manifest()), 0, world_size=2,
+                 chunk_records=250)
+    assert store.epoch_status(chunks[:1] + store.scan_chunks(tmp_path / "other")[0][1:]) == (
+        None, "chunks from builds with different chunk sizes [200, 250]")
+    # one chunk more than the layout has is no complete epoch either
     assert store.epoch_status(chunks + [{**chunks[-1], "chunk": 3}]) == (None, "0 of 6 chunks not finished")
 
 
