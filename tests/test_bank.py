@@ -11,6 +11,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -330,6 +331,9 @@ def test_refuses_a_bank_of_a_changed_dataset(files, bank, tmp_path):
     cfg = _cfg(files, tmp_path / "run", **{"data.root": data, "bank.path": bank})
     with pytest.raises(BankError, match=f"{victim.parent.name}/{victim.name}: missing here"):
         open_bank(cfg, build_loader(cfg, "train", device=CPU))
+    with pytest.raises(BankError, match=r"another dataset than data.root=.* \(the bank has 18 images, data.root=.* has "
+                                        r"17\)"):
+        open_bank(cfg, build_loader(cfg, "train", device=CPU))
 
 
 def test_a_bank_survives_a_plain_copy_of_the_data_and_a_touch(files, bank, tmp_path):
@@ -503,6 +507,10 @@ def test_command_line_build(files, tmp_path, capsys):
     assert [t["tag"] for t in manifest["teachers"]] == ["test_resnet", "test_resnet"]
     assert all(len(t["sha256"]) == 64 for t in manifest["teachers"])
     assert [t["weights"] for t in manifest["teachers"]] == [str(p) for p in files[1]]
+    import hashlib  # each file's own hash, which a run naming the file compares first
+
+    assert [t["file_sha256"] for t in manifest["teachers"]] == [hashlib.sha256(p.read_bytes()).hexdigest()
+                                                                for p in map(Path, files[1])]
     assert manifest["teachers"][0]["sha256"] != manifest["teachers"][1]["sha256"]
     assert main(args[:-2] + ["--epochs", "0:x"]) == 2
     assert "must look like A:B" in capsys.readouterr().err
@@ -532,3 +540,157 @@ def test_epochs_argument():
             parse_epochs(bad, 9)
     with pytest.raises(BankError, match="must look like A:B"):
         parse_epochs("1-3", 9)
+
+
+def _open_files(path):
+    """The descriptors of this process open on ``path``."""
+    return [fd for fd in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{fd}") == str(path)]
+
+
+def test_a_builds_summary_and_manifest_name_what_it_built(files, tmp_path, caplog):
+    import time
+
+    cfg = _cfg(files, tmp_path / "run", **{"teacher_engine.dtype": "bf16"})
+    out = tmp_path / "bank"
+
+    def build(**kwargs):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="fastmeal.bank"):
+            start = time.perf_counter()
+            summary = _build(cfg, out, SpyTeachers(cfg), **kwargs)
+            elapsed = time.perf_counter() - start
+        assert 0 < summary["seconds"] <= elapsed
+        assert _open_files(out / ".build.lock") == []  # the epochs' locks are released
+        return summary
+
+    summary = build(epochs=range(1))
+    assert "continuing" not in caplog.text and "epochs 0 complete" in caplog.text  # a new bank
+    assert summary["out"] == str(out) and summary["epochs_built"] == [0] and summary["world_size"] == 1
+    assert summary["crops_computed"] == 18 and summary["crops_per_s"] == pytest.approx(18 / summary["seconds"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["backend"] == "torchvision" and manifest["teacher_dtype"] == "bf16"
+    assert manifest["dataset_size"] == 18 and manifest["seed"] == 5 and manifest["image_size"] == 32
+    # the dataset's per-file identity is stored with it: the 18 training files, by their path under train/
+    train = Path(files[0]) / "train"
+    with np.load(out / "dataset.npz") as table:
+        paths = sorted(bytes(table["paths"]).decode().split("\n"))
+    assert paths == sorted(str(p.relative_to(train)) for p in train.rglob("*.JPEG")) and len(paths) == 18
+
+    summary = build()  # the schedule's epochs: only epoch 1 is left
+    assert "continuing the bank" in caplog.text and "epochs 0 already complete; building 1" in caplog.text
+    assert summary["epochs_built"] == [1] and summary["crops_computed"] == 18 and summary["epochs"] == [0, 1]
+
+    summary = build()  # nothing left to do
+    assert "epochs 0-1 already complete; building nothing" in caplog.text
+    assert summary["epochs_built"] == [] and summary["crops_computed"] == 0 and np.isnan(summary["crops_per_s"])
+
+
+def test_a_chunk_is_a_whole_number_of_batches(files, tmp_path):
+    cfg = _cfg(files, tmp_path / "run", **{"bank.chunk_records": 2})  # batches of 4: chunks of 4 records
+    _build(cfg, tmp_path / "bank", SpyTeachers(cfg), epochs=range(1))
+    chunks = store.scan_chunks(tmp_path / "bank")[0]
+    assert sorted((c["offset"], c["count"], c["chunk_records"]) for c in chunks) == [
+        (0, 4, 4), (4, 4, 4), (8, 4, 4), (12, 4, 4), (16, 2, 4)]
+
+
+def test_a_partly_built_epoch_continues_only_with_its_world_size(files, tmp_path):
+    cfg = _cfg(files, tmp_path / "run")
+    out = tmp_path / "bank"
+    _build_rank(cfg, out, 0, build_teachers(cfg, CPU))  # rank 0 of a 2-rank build of epoch 0; rank 1 never ran
+    spy = SpyTeachers(cfg)
+    with pytest.raises(BankError, match=r"epoch 0 of .* was partly built by \[2\] rank\(s\); continue it with that "
+                                        r"many ranks, or delete .*epoch_0000.bin and its chunks"):
+        _build(cfg, out, spy, epochs=range(1))
+    assert spy.images == []
+
+
+def test_the_train_split_must_have_the_models_classes(files, tmp_path):
+    cfg = _cfg(files, tmp_path / "run")
+    spy = SpyTeachers(cfg)
+    with pytest.raises(BankError, match=r"the train split has 3 classes but model.num_classes=4"):
+        _build(cfg.replace({"model.num_classes": 4}), tmp_path / "bank", spy, epochs=range(1))
+    assert spy.images == []
+
+
+@pytest.mark.parametrize("key", ["data.cutmix", "data.skip_corrupt"])
+def test_a_bank_refuses_what_is_no_function_of_one_image(files, tmp_path, key):
+    from fastmeal.bank.build import check_bank_config
+
+    check_bank_config(_cfg(files, tmp_path))
+    with pytest.raises(BankError, match=key):
+        check_bank_config(_cfg(files, tmp_path, **{key: "true"}))
+
+
+@pytest.mark.parametrize("names", [["checkpoints"], [".lock"], ["config.json"], ["metrics.jsonl"],
+                                   ["student_last.pth"], ["config.json", "checkpoints"]])
+def test_a_run_dir_is_no_bank(tmp_path, names):
+    from fastmeal.bank.build import _claim_epochs
+
+    for name in names:
+        (tmp_path / name).mkdir()
+    with pytest.raises(BankError, match=rf"is a training run dir \(it holds {re.escape(', '.join(names))}\)"):
+        _claim_epochs(tmp_path, range(1))
+    assert not (tmp_path / ".build.lock").exists()
+
+
+def test_the_lock_file_is_readable_by_all_and_writable_by_its_owner(tmp_path):
+    from fastmeal.bank.build import _claim_epochs
+
+    old = os.umask(0)
+    try:
+        fd = _claim_epochs(tmp_path, range(3))
+    finally:
+        os.umask(old)
+    os.close(fd)
+    assert (tmp_path / ".build.lock").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_file_system_without_locks_is_said_and_other_lock_errors_raised(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    from fastmeal.bank.build import _claim_epochs
+
+    out = tmp_path / "new" / "bank"  # its parents are made
+    for code in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        monkeypatch.setattr(fcntl, "lockf", lambda *args, code=code: (_ for _ in ()).throw(OSError(code, "no")))
+        with caplog.at_level(logging.WARNING, logger="fastmeal.bank"):
+            assert _claim_epochs(out, range(2)) is None
+        assert "nothing stops two builds of the same epochs" in caplog.text
+        caplog.clear()
+    monkeypatch.setattr(fcntl, "lockf", lambda *args: (_ for _ in ()).throw(OSError(errno.EIO, "disk error")))
+    with pytest.raises(OSError, match="disk error"):
+        _claim_epochs(out, range(2))
+    assert _open_files(out / ".build.lock") == []  # closed on every way out
+
+
+def test_a_build_into_a_bank_of_another_dataset_is_refused_naming_the_files(files, bank, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(files[0], data)
+    victim = sorted((data / "train").rglob("*.JPEG"))[0]
+    victim.unlink()
+    out = tmp_path / "bank"
+    shutil.copytree(bank, out)
+    cfg = _cfg(files, tmp_path / "run", **{"data.root": data})
+    spy = SpyTeachers(cfg)
+    with pytest.raises(BankError, match=rf"{re.escape(str(out))} was built from another dataset than the data "
+                                        rf"{re.escape(str(data))} .*{victim.parent.name}/{victim.name}: missing here"):
+        _build(cfg, out, spy)
+    assert spy.images == []
+
+
+def test_a_build_continues_only_with_its_chunk_size(files, tmp_path):
+    """Chunks are known by their number: a build continued with another chunk size (bank.chunk_records or the
+    batch size changed) would take the first build's chunk k for its own and skip the records between; the
+    epoch would never be complete, though every build ends without an error."""
+    cfg = _cfg(files, tmp_path / "run")  # chunks of 8 records (2 batches of 4)
+    out = tmp_path / "bank"
+    with pytest.raises(KeyboardInterrupt):
+        _build(cfg, out, SpyTeachers(cfg, fail_after=3), epochs=range(1))  # killed in its second chunk
+    smaller = _cfg(files, tmp_path / "run", **{"bank.chunk_records": 4})
+    spy = SpyTeachers(smaller)
+    with pytest.raises(BankError, match=r"epoch 0 of .* was partly built in chunks of \[8\] records, this build's are "
+                                        r"4 .*continue it with the same bank.chunk_records and data.batch_size"):
+        _build(smaller, out, spy, epochs=range(1))
+    assert spy.images == []
+    assert _build(cfg, out, SpyTeachers(cfg), epochs=range(1))["epochs"] == [0]  # the same size continues it

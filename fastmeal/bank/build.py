@@ -249,6 +249,13 @@ def _build(cfg: Config, out: Path, epochs: range, dist: DistInfo, top_k: int, ch
         if other:
             raise store.BankError(f"epoch {epoch} of {out} was partly built by {sorted(other)} rank(s); continue it "
                                   f"with that many ranks, or delete {store.epoch_file(out, epoch)} and its chunks")
+        # A chunk is known by its number: chunks of another size cover other records (those between would be skipped).
+        sizes = {c["chunk_records"] for c in done} - {layout.chunk_records}
+        if sizes:
+            raise store.BankError(f"epoch {epoch} of {out} was partly built in chunks of {sorted(sizes)} records, "
+                                  f"this build's are {layout.chunk_records} (bank.chunk_records rounded up to whole "
+                                  f"batches of {batch}): continue it with the same bank.chunk_records and "
+                                  f"data.batch_size, or delete {store.epoch_file(out, epoch)} and its chunks")
         plans.append((epoch, indices, layout))
     todo_crops = sum(layout.chunk_span(dist.rank, c)[1] for epoch, _, layout in plans
                      for c in range(layout.chunks_per_rank)

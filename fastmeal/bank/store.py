@@ -358,6 +358,9 @@ def epoch_status(chunks: list[dict[str, Any]]) -> tuple[EpochLayout | None, str]
     worlds = {c["world_size"] for c in chunks}
     if len(worlds) != 1:
         return None, f"chunks from builds with different world sizes {sorted(worlds)}"
+    sizes = {(c["records_per_rank"], c["chunk_records"]) for c in chunks}
+    if len(sizes) != 1:
+        return None, f"chunks from builds with different chunk sizes {sorted({c['chunk_records'] for c in chunks})}"
     first = chunks[0]
     layout = EpochLayout(world_size=first["world_size"], records_per_rank=first["records_per_rank"],
                          chunk_records=first["chunk_records"])
