@@ -46,7 +46,7 @@ MUTANTS_build := 'fastmeal.bank.build.*'
 # checkpoint.py: the digest, the atomic writes, reading/validating and the manifest (not the RNG or export helpers)
 MUTANTS_checkpoint := $(foreach f,state_digest _feed atomic_write_bytes atomic_torch_save *_HashingWriter* _fsync_dir \
 	_disk_full* remove_temporaries load_checkpoint *CheckpointManager*publish *CheckpointManager*heal \
-	*CheckpointManager*manifest *CheckpointManager*_export_current *CheckpointManager*_prune,'fastmeal.checkpoint.*$(f)__mutmut_*')
+	*CheckpointManager*manifest *CheckpointManager*_export_current *CheckpointManager*_prune *CheckpointManager*_recover_best,'fastmeal.checkpoint.*$(f)__mutmut_*')
 # config.py: the LR regime only
 MUTANTS_config := 'fastmeal.config.*lr_at__mutmut_*' 'fastmeal.config.*ScheduleConfig*__post_init____mutmut_*'
 MUTANTS_objectives := 'fastmeal.objectives.*'

@@ -520,8 +520,11 @@ class CheckpointManager:
                 sidecar.unlink(missing_ok=True)
         manifest = self.manifest() or {}
         best = self.best_info()
-        consistent = (manifest.get("latest") == path.name and manifest.get("top1") == state.get("top1")
-                      and manifest.get("best") == best and (best is None or self.best_path.is_file()))
+        lost_best = best is not None and not self.best_path.is_file()
+        if lost_best:
+            best = self._recover_best(best)
+        consistent = (not lost_best and manifest.get("latest") == path.name
+                      and manifest.get("top1") == state.get("top1") and manifest.get("best") == best)
         if self.export_dir is not None:
             consistent = consistent and all(self._export_current(stem, step)
                                             for stem, step in manifest.get("exports", {}).items())
@@ -531,6 +534,19 @@ class CheckpointManager:
                     MANIFEST, path.name)
         self.publish(path, state)
         return True
+
+    def _recover_best(self, best: dict[str, Any]) -> dict[str, Any] | None:
+        """``best.pt`` is gone (deleted by hand; a kill cannot do it): link it again from its checkpoint, or, when
+        that was pruned, forget the best (``best.json``) so that the next evaluation starts a new one."""
+        source = self.path_for(int(best["global_step"]))
+        if source.is_file():
+            self._link(source, self.best_path)
+            return best
+        (self.directory / "best.json").unlink()
+        log.warning("best.pt is missing and its checkpoint %s is pruned: the best so far (top-1 %s at global step %d) "
+                    "is forgotten; the next evaluation starts a new best", source.name, best.get("top1"),
+                    int(best["global_step"]))
+        return None
 
     def _link(self, src: Path, dst: Path) -> None:
         # A hard link is an atomic, free copy; a file system without links gets a real copy.

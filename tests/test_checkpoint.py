@@ -587,6 +587,43 @@ def test_heal_re_derives_whatever_the_manifest_does_not_describe(tmp_path):
     assert os.path.samefile(manager.best_path, path) and manager.heal(path, state) is False
 
 
+def test_best_pt_deleted_by_hand_is_linked_again_from_its_checkpoint_or_forgotten_when_that_is_pruned(tmp_path, caplog):
+    import os
+
+    run = tmp_path / "run"
+    run.mkdir()
+    ck = run / "checkpoints"
+    manager = CheckpointManager(ck, keep_last=2, export_dir=run)
+    manager.save(fake_state(10), global_step=10, top1=50.0)  # the best
+    manager.save(fake_state(20), global_step=20, top1=40.0)
+    path, state = ck / "ckpt-000000020.pt", load_checkpoint(ck / "ckpt-000000020.pt")
+
+    # Its checkpoint is still there: best.pt is that file again, the best unchanged.
+    manager.best_path.unlink()
+    assert manager.heal(path, state) is True
+    assert os.path.samefile(manager.best_path, ck / "ckpt-000000010.pt")
+    assert json.loads((ck / "best.json").read_text()) == _best(10, 50.0)
+    assert manager.heal(path, state) is False
+
+    # Pruned (a third save), then best.pt and student_best deleted: the resume must not fail on them. The best is
+    # forgotten, said once; the manifest and the exports describe the newest checkpoint alone.
+    manager.save(fake_state(30), global_step=30, top1=45.0)
+    assert not (ck / "ckpt-000000010.pt").exists()
+    path, state = ck / "ckpt-000000030.pt", load_checkpoint(ck / "ckpt-000000030.pt")
+    manager.best_path.unlink()
+    (run / "student_best.pth").unlink()
+    with caplog.at_level("WARNING", logger="fastmeal.checkpoint"):
+        assert manager.heal(path, state) is True
+    assert "the best so far (top-1 50.0 at global step 10) is forgotten" in caplog.text
+    assert not (ck / "best.json").exists() and not manager.best_path.exists() and manager.best_top1() is None
+    assert _read_manifest(ck) == _manifest(30, 45.0, None, {"student_last": 30})
+    assert _exported(run, "student_last") == (30.0, 30)
+    assert manager.heal(path, state) is False
+    # The next evaluation is a new best.
+    manager.save(fake_state(40), global_step=40, top1=41.0)
+    assert os.path.samefile(manager.best_path, ck / "ckpt-000000040.pt") and manager.best_top1() == 41.0
+
+
 class _Interrupted(BaseException):
     """Stands for a kill: raised before the n-th file-system call of a save (nothing catches a BaseException)."""
 
