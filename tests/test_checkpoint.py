@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import random
 import struct
 import zipfile
@@ -270,8 +271,6 @@ def test_student_weights_load_with_timm_checkpoint_path(tmp_path):
 
 def _record_syncs(monkeypatch) -> list[tuple[str, ...]]:
     """Log every ``os.fsync`` (by the path of the synced descriptor) and ``os.replace``, in order."""
-    import os
-
     events = []
     fsync, replace = os.fsync, os.replace
 
@@ -290,8 +289,6 @@ def _record_syncs(monkeypatch) -> list[tuple[str, ...]]:
 
 def test_an_atomic_write_syncs_the_file_before_its_rename_and_the_directory_after(tmp_path, monkeypatch):
     """What survives a power cut rather than a kill (no test can cut the power): the order of the syncs."""
-    import os
-
     events = _record_syncs(monkeypatch)
     path = tmp_path / "ckpt-000000001.pt"
     atomic_torch_save(fake_state(1), path)
@@ -300,7 +297,6 @@ def test_an_atomic_write_syncs_the_file_before_its_rename_and_the_directory_afte
 
 
 def test_temporaries_of_gone_writers_are_removed_and_a_live_writers_kept(tmp_path):
-    import os
     import subprocess
     import sys
 
@@ -401,9 +397,18 @@ def _read_manifest(directory):
     return json.loads((directory / "manifest.json").read_text())
 
 
-def test_each_save_derives_best_pt_best_json_the_exports_and_the_manifest(tmp_path):
-    import os
+def _best_then_worse(tmp_path, keep_last: int):
+    """A run dir whose manager (exports on) saved step 10 (top-1 50, the best), then step 20 (top-1 40)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    ck = run / "checkpoints"
+    manager = CheckpointManager(ck, keep_last=keep_last, export_dir=run)
+    manager.save(fake_state(10), global_step=10, top1=50.0)
+    manager.save(fake_state(20), global_step=20, top1=40.0)
+    return run, ck, manager
 
+
+def test_each_save_derives_best_pt_best_json_the_exports_and_the_manifest(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     ck = run / "checkpoints"
@@ -450,8 +455,6 @@ def test_the_states_own_is_best_decides_and_needs_a_top1(tmp_path):
 
 
 def test_without_hard_links_best_pt_is_a_copy_made_once(tmp_path, monkeypatch):
-    import os
-
     def no_links(src, dst):
         raise OSError(errno.EPERM, "Operation not permitted")
 
@@ -467,12 +470,7 @@ def test_without_hard_links_best_pt_is_a_copy_made_once(tmp_path, monkeypatch):
 
 
 def test_exports_behind_best_pt_are_re_derived_from_it(tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    ck = run / "checkpoints"
-    manager = CheckpointManager(ck, keep_last=1, export_dir=run)
-    manager.save(fake_state(10), global_step=10, top1=50.0)
-    manager.save(fake_state(20), global_step=20, top1=40.0)  # ckpt-10 pruned: best.pt is the only copy
+    run, ck, manager = _best_then_worse(tmp_path, keep_last=1)  # ckpt-10 pruned: best.pt is the only copy
     state20 = load_checkpoint(ck / "ckpt-000000020.pt")
     for lost in ("student_best.pth", "student_best.safetensors"):
         (run / lost).unlink()
@@ -529,14 +527,7 @@ def test_prune_keeps_the_newest_and_removes_the_sha256_files_of_the_others(tmp_p
 
 
 def test_heal_re_derives_whatever_the_manifest_does_not_describe(tmp_path):
-    import os
-
-    run = tmp_path / "run"
-    run.mkdir()
-    ck = run / "checkpoints"
-    manager = CheckpointManager(ck, keep_last=3, export_dir=run)
-    manager.save(fake_state(10), global_step=10, top1=50.0)
-    manager.save(fake_state(20), global_step=20, top1=40.0)
+    run, ck, manager = _best_then_worse(tmp_path, keep_last=3)
     path = ck / "ckpt-000000020.pt"
     state = load_checkpoint(path)
     good = _manifest(20, 40.0, _best(10, 50.0), {"student_last": 20, "student_best": 10})
@@ -588,14 +579,7 @@ def test_heal_re_derives_whatever_the_manifest_does_not_describe(tmp_path):
 
 
 def test_best_pt_deleted_by_hand_is_linked_again_from_its_checkpoint_or_forgotten_when_that_is_pruned(tmp_path, caplog):
-    import os
-
-    run = tmp_path / "run"
-    run.mkdir()
-    ck = run / "checkpoints"
-    manager = CheckpointManager(ck, keep_last=2, export_dir=run)
-    manager.save(fake_state(10), global_step=10, top1=50.0)  # the best
-    manager.save(fake_state(20), global_step=20, top1=40.0)
+    run, ck, manager = _best_then_worse(tmp_path, keep_last=2)
     path, state = ck / "ckpt-000000020.pt", load_checkpoint(ck / "ckpt-000000020.pt")
 
     # Its checkpoint is still there: best.pt is that file again, the best unchanged.
@@ -631,8 +615,6 @@ class _Interrupted(BaseException):
 def _interrupt_before_fs_call(monkeypatch, n: int, calls: list[tuple[str, str]]) -> None:
     """Log every file-system call (``os`` functions that change files, and every ``open``); raise before the n-th."""
     import io
-    import os
-
     def wrap(name, fn):
         def wrapper(*args, **kwargs):
             calls.append((name, str(args[-1] if name in ("replace", "rename", "link") else args[0])))
@@ -649,7 +631,6 @@ def _interrupt_before_fs_call(monkeypatch, n: int, calls: list[tuple[str, str]])
 @pytest.mark.parametrize("top1", [60.0, None], ids=["new-best", "no-evaluation"])
 def test_a_save_interrupted_before_each_file_system_call_is_healed_from_the_newest_checkpoint(tmp_path, monkeypatch,
                                                                                           top1):
-    import os
     import shutil
 
     base = tmp_path / "base"
@@ -761,8 +742,6 @@ def test_a_full_disk_error_names_the_file_and_the_free_space_and_keeps_the_errno
 
 
 def test_a_full_disk_during_a_write_is_one_error_naming_the_target_and_replaces_nothing(tmp_path, monkeypatch):
-    import os
-
     from fastmeal.checkpoint import DiskFullError, atomic_write_bytes
 
     target = tmp_path / "best.json"
@@ -817,7 +796,6 @@ def test_a_deleted_export_dir_fails_the_next_save_instead_of_coming_back_empty(t
 
 
 def test_a_temporary_removed_by_someone_else_meanwhile_is_passed_over(tmp_path, monkeypatch):
-    import os
     from pathlib import Path
 
     gone = tmp_path / f".ckpt-000000001.pt.tmp-{os.getpid()}"  # listed, then removed before this unlinks it
