@@ -181,7 +181,8 @@ def cmd_bank_build(args: argparse.Namespace) -> int:
     return 0
 
 
-# The config keys `fastmeal eval`'s flags set: its errors name the flag the user typed, not the key.
+# The config keys `fastmeal eval`'s flags set (each flag's value is the argument of that name): its errors name
+# the flag the user typed, not the key.
 _EVAL_FLAGS = {"model.student_weights": "--weights", "model.student": "--model", "data.root": "--data",
                "data.image_size": "--res", "data.eval_resize": "--resize", "data.eval_batch_size": "--batch-size",
                "data.workers": "--workers", "data.backend": "--backend", "runtime.device": "--device",
@@ -205,10 +206,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from fastmeal.evaluate import evaluate_config
     from fastmeal.metrics import finite_json
 
-    extra = {"model.student": args.model, "model.student_weights": args.weights, "data.root": args.data,
-             "data.image_size": args.res, "data.eval_resize": args.resize, "data.eval_batch_size": args.batch_size,
-             "data.workers": args.workers, "data.backend": args.backend, "runtime.device": args.device,
-             "precision.mode": args.precision}
+    extra = {key: getattr(args, flag[2:].replace("-", "_")) for key, flag in _EVAL_FLAGS.items()}
     try:
         cfg = config_from_args(args, **{k: str(v) for k, v in extra.items() if v is not None})
         _setup_logging()

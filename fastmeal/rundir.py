@@ -175,7 +175,6 @@ def next_free_run_dir(run_dir: Path) -> Path:
     return candidate
 
 
-
 class RunDir:
     """A run's claim on its run dir: the lock, and the refusal to mix two runs (``runtime.if_exists``).
 
